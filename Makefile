@@ -1,0 +1,88 @@
+# connwatch — the two set-up commands are `make run` and `make test`; both
+# install everything they need (as root, on Debian 12 / Ubuntu) first.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+VENV     := .venv
+PY       := $(VENV)/bin/python
+BUILD    := build
+BPF_OBJ  := agent/connwatch/bpf/connwatch.bpf.o
+ARCH     := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
+MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo $$(uname -m)-linux-gnu)
+ARGS     ?=
+
+# Node.js and npm are taken from the machine when present (the Debian
+# packages conflict with other distributions of Node) and from Debian if not.
+# Build tools and everything the agent and its tests run against. Run-time
+# Python dependencies come from Debian too (the venv sees system packages),
+# so the tests exercise the same versions the .deb depends on.
+APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool make gcc libc6-dev \
+	python3 python3-venv python3-pip python3-prometheus-client python3-yaml \
+	python3-psutil python3-bcrypt iproute2 procps curl openssl \
+	prometheus debootstrap lintian dpkg-dev fakeroot debhelper dh-python \
+	python3-setuptools python3-all systemd
+
+.PHONY: run test deps apt venv bpf node dashboards check-dashboards deb \
+	test-packaging bench soak clean
+
+run: deps
+	$(VENV)/bin/connwatch run $(ARGS)
+
+test: deps
+	$(PY) -m pytest tests $(ARGS)
+
+deps: apt venv bpf node
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+bpf: $(BPF_OBJ)
+
+$(BUILD)/vmlinux.h:
+	mkdir -p $(BUILD)
+	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
+
+$(BPF_OBJ): bpf/connwatch.bpf.c bpf/connwatch.h $(BUILD)/vmlinux.h
+	mkdir -p $(dir $@)
+	clang -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
+		-I$(BUILD) -Ibpf -I/usr/include/$(MULTIARCH) -c $< -o $@.tmp
+	llvm-strip -g $@.tmp 2>/dev/null; mv $@.tmp $@
+
+node: tests/node/node_modules/.installed
+
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+dashboards: venv
+	$(PY) -m dashboards.generate
+
+deb: deps
+	packaging/build-deb.sh
+
+test-packaging: deps
+	$(PY) -m pytest tests/packaging $(ARGS)
+
+bench: deps
+	$(PY) -m bench $(ARGS)
+
+soak: deps
+	$(PY) -m pytest tests -m soak $(ARGS)
+
+clean:
+	rm -rf $(BUILD) $(BPF_OBJ) $(VENV) tests/node/node_modules

@@ -1,0 +1,100 @@
+"""`connwatch run`: serve first, attach the probes, then keep a snapshot fresh.
+
+The HTTP server starts before anything slow, so a scrape during start-up gets
+an answer (``connwatch_ready 0``) instead of a refused connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+from prometheus_client.registry import CollectorRegistry
+
+from . import probes as probes_mod
+from .collector import ConnwatchCollector
+from .config import Config
+from .snapshot import Snapshot, SnapshotReader
+from .web import make_server
+from .webconfig import WebConfig
+
+log = logging.getLogger("connwatch.agent")
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+
+
+class StartupError(RuntimeError):
+    """A user-fixable reason the agent cannot start; exit code 2."""
+
+
+def preflight() -> None:
+    if not os.path.exists(BTF_PATH):
+        raise StartupError(f"kernel BTF missing ({BTF_PATH}): connwatch needs a kernel built with "
+                           "CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels have it)")
+
+
+class Agent:
+    def __init__(self, cfg: Config, listen_address: str, telemetry_path: str,
+                 web_config: WebConfig | None = None):
+        self.cfg = cfg
+        self._snapshot = Snapshot()
+        self._stop = threading.Event()
+        self.probes: probes_mod.Probes | None = None
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.collector = ConnwatchCollector(lambda: self._snapshot, cfg)
+        self.registry.register(self.collector)
+        self.server = make_server(listen_address, telemetry_path, self.registry, web_config)
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def _serve(self) -> None:
+        t = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
+        t.start()
+        self._threads.append(t)
+        host, port = self.server.server_address[:2]
+        log.info("serving metrics on %s:%s", host, port)
+
+    def _refresh_loop(self, reader: SnapshotReader) -> None:
+        while not self._stop.is_set():
+            try:
+                self._snapshot = reader.read()
+            except Exception:  # keep serving the previous snapshot
+                log.exception("snapshot read failed")
+            self._stop.wait(self.cfg.refresh_interval_seconds)
+
+    def start(self) -> None:
+        self._serve()
+        self.probes = probes_mod.load_and_attach(self.cfg)
+        reader = SnapshotReader(self.probes, self.cfg)
+        self._snapshot = reader.read()
+        t = threading.Thread(target=self._refresh_loop, args=(reader,), name="refresh", daemon=True)
+        t.start()
+        self._threads.append(t)
+        log.info("ready")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        self.server.server_close()
+        if self.probes is not None:
+            self.probes.close()  # detaches every program
+            self.probes = None
+
+    def run_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        try:
+            self.start()
+            while not done.wait(1.0):
+                pass
+        finally:
+            t0 = time.monotonic()
+            self.stop()
+            log.info("stopped (%.2fs to detach)", time.monotonic() - t0)

@@ -1,0 +1,185 @@
+"""Prometheus collector: metric families from the newest snapshot.
+
+collect() does no I/O: it formats what the refresher last read. Per-process
+series are capped (``max_process_series``); processes beyond the cap, ranked
+by open connections, are summed into one ``comm="other"`` series per metric.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .config import Config
+from .snapshot import Process, Snapshot
+
+OTHER = Process(0, "other", "")
+PROC_LABELS = ["pid", "comm", "container"]
+
+
+def _proc_labels(p: Process) -> list[str]:
+    return ["" if p is OTHER else str(p.pid), p.comm, p.container]
+
+
+class ConnwatchCollector(Collector):
+    def __init__(self, current: Callable[[], Snapshot], cfg: Config):
+        self._current = current
+        self._cfg = cfg
+        self.last_collect_seconds = 0.0
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # unchecked collector: families depend on the snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        t0 = time.monotonic()
+        s = self._current()
+        yield from self._agent(s)
+        if s.ready:
+            yield from self._per_process(s)
+            yield from self._bpf(s)
+        self.last_collect_seconds = time.monotonic() - t0
+
+    # ---- agent itself -----------------------------------------------------
+
+    def _agent(self, s: Snapshot) -> Iterator[Metric]:
+        info = GaugeMetricFamily("connwatch_build_info", "connwatch version and the running kernel.",
+                                 labels=["version", "kernel"])
+        info.add_metric([__version__, platform.release()], 1)
+        yield info
+        yield GaugeMetricFamily("connwatch_ready", "1 once the probes are attached and a snapshot was read.",
+                                value=1 if s.ready else 0)
+        if not s.ready:
+            return
+        yield GaugeMetricFamily("connwatch_snapshot_timestamp_seconds",
+                                "When the snapshot served by this scrape was read (Unix time).",
+                                value=s.taken_at)
+        yield GaugeMetricFamily("connwatch_snapshot_duration_seconds",
+                                "How long reading the served snapshot took.", value=s.build_seconds)
+        yield GaugeMetricFamily("connwatch_scrape_duration_seconds",
+                                "How long the previous scrape's collection took (snapshot to text).",
+                                value=self.last_collect_seconds)
+        probe = GaugeMetricFamily("connwatch_probe_enabled", "1 if the probe is attached, 0 if this kernel refused it.",
+                                  labels=["probe"])
+        for name, on in sorted(s.probes.items()):
+            probe.add_metric([name], 1 if on else 0)
+        yield probe
+
+    # ---- per process --------------------------------------------------------
+
+    def _visible(self, s: Snapshot) -> Callable[[int], Process]:
+        """pid -> the Process its series are reported under (itself or OTHER)."""
+        weight: dict[int, int] = defaultdict(int)
+        for (pid, _port, _kind), (open_, accepted, _closed) in s.connections.items():
+            weight[pid] += max(open_, 0) * 1_000_000 + accepted
+        for pid in s.processes:
+            weight.setdefault(pid, 0)
+        ranked = sorted(weight, key=lambda pid: (-weight[pid], pid))
+        kept = set(ranked[: self._cfg.max_process_series])
+        return lambda pid: s.processes[pid] if pid in kept else OTHER
+
+    def _per_process(self, s: Snapshot) -> Iterator[Metric]:
+        who = self._visible(s)
+        conns = GaugeMetricFamily(
+            "connwatch_connections",
+            "Accepted TCP connections not yet closed, per owning process, local port and kind.",
+            labels=PROC_LABELS + ["port", "kind"])
+        accepted = CounterMetricFamily("connwatch_connections_accepted",
+                                       "TCP connections accepted.", labels=PROC_LABELS + ["port"])
+        closed = CounterMetricFamily("connwatch_connections_closed",
+                                     "Accepted TCP connections that reached TCP_CLOSE.",
+                                     labels=PROC_LABELS + ["port"])
+        gauge: dict[tuple, int] = defaultdict(int)
+        acc: dict[tuple, int] = defaultdict(int)
+        clo: dict[tuple, int] = defaultdict(int)
+        for (pid, port, kind), (open_, a, c) in s.connections.items():
+            labels = (*_proc_labels(who(pid)), str(port))
+            gauge[(*labels, kind)] += max(open_, 0)
+            acc[labels] += a
+            clo[labels] += c
+        for labels, v in sorted(gauge.items()):
+            conns.add_metric(list(labels), v)
+        for labels, v in sorted(acc.items()):
+            accepted.add_metric(list(labels), v)
+        for labels, v in sorted(clo.items()):
+            closed.add_metric(list(labels), v)
+        yield conns
+        yield accepted
+        yield closed
+
+        fdfail = CounterMetricFamily("connwatch_fd_alloc_failures",
+                                     "Syscalls that failed with EMFILE (per-process fd limit) or ENFILE (fs.file-max).",
+                                     labels=PROC_LABELS + ["syscall", "errno"])
+        yield _summed(fdfail, ((( *_proc_labels(who(pid)), sc, err), n)
+                               for (pid, sc, err), n in s.fd_failures.items()))
+        exhaust = CounterMetricFamily("connwatch_port_exhaustion_failures",
+                                      "connect()/bind() calls that failed with EADDRNOTAVAIL (no free local port).",
+                                      labels=PROC_LABELS + ["syscall"])
+        yield _summed(exhaust, (((*_proc_labels(who(pid)), sc), n)
+                                for (pid, sc), n in s.port_exhaustion.items()))
+        requested = GaugeMetricFamily("connwatch_listen_backlog_requested",
+                                      "Backlog the application passed to listen() (the kernel caps it at net.core.somaxconn).",
+                                      labels=PROC_LABELS + ["port"])
+        yield _maxed(requested, (((*_proc_labels(who(pid)), str(port)), req)
+                                 for (pid, port), (req, _eff) in s.listen_backlogs.items()))
+        drops = CounterMetricFamily("connwatch_listen_overflow_drops",
+                                    "Handshake ACKs dropped because the listener's accept queue was full.",
+                                    labels=["port"])
+        for port, n in sorted(s.overflow_drops.items()):
+            drops.add_metric([str(port)], n)
+        yield drops
+
+    # ---- BPF side -------------------------------------------------------------
+
+    def _bpf(self, s: Snapshot) -> Iterator[Metric]:
+        entries = GaugeMetricFamily("connwatch_bpf_map_entries", "Entries in a BPF map.", labels=["map"])
+        capacity = GaugeMetricFamily("connwatch_bpf_map_capacity", "Configured max_entries of a BPF map.",
+                                     labels=["map"])
+        full = CounterMetricFamily("connwatch_bpf_map_full",
+                                   "Inserts a BPF map refused because it was full (that event went uncounted).",
+                                   labels=["map"])
+        memory = GaugeMetricFamily("connwatch_bpf_map_memory_bytes", "Kernel memory charged to a BPF map.",
+                                   labels=["map"])
+        for name, (n, cap, nfull) in sorted(s.maps.items()):
+            entries.add_metric([name], n)
+            capacity.add_metric([name], cap)
+            full.add_metric([name], nfull)
+            memory.add_metric([name], s.map_memory.get(name, 0))
+        yield entries
+        yield capacity
+        yield full
+        yield memory
+        run_time = CounterMetricFamily("connwatch_bpf_program_run_seconds",
+                                       "Time spent in a BPF program (needs sysctl kernel.bpf_stats_enabled=1).",
+                                       labels=["program"])
+        runs = CounterMetricFamily("connwatch_bpf_program_runs",
+                                   "Invocations of a BPF program (needs sysctl kernel.bpf_stats_enabled=1).",
+                                   labels=["program"])
+        for name, (ns, cnt) in sorted(s.program_stats.items()):
+            run_time.add_metric([name], ns / 1e9)
+            runs.add_metric([name], cnt)
+        yield run_time
+        yield runs
+
+
+def _summed(family, rows) -> Metric:
+    total: dict[tuple, int] = defaultdict(int)
+    for labels, v in rows:
+        total[labels] += v
+    for labels, v in sorted(total.items()):
+        family.add_metric(list(labels), v)
+    return family
+
+
+def _maxed(family, rows) -> Metric:
+    best: dict[tuple, int] = {}
+    for labels, v in rows:
+        best[labels] = max(best.get(labels, v), v)
+    for labels, v in sorted(best.items()):
+        family.add_metric(list(labels), v)
+    return family

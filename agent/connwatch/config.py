@@ -1,0 +1,155 @@
+"""The agent's YAML configuration: schema, defaults and validation.
+
+Every key is checked: unknown keys, wrong types and out-of-range values are
+errors that name the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration problem; the message names the key."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    # per local port, how many peers get their own series
+    top_k: int = 20
+    # peers are aggregated to these prefixes before they become labels
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 128
+    # replace peer addresses in labels by a keyed hash (privacy)
+    hash: bool = False
+    hash_key: str = ""
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Capacity (max_entries) of each BPF map."""
+
+    socks: int = 262144
+    conn_counts: int = 16384
+    procs: int = 16384
+    fd_failures: int = 4096
+    port_exhaustion: int = 4096
+    listeners: int = 4096
+    overflow_drops: int = 4096
+    peers: int = 65536
+    upgrades: int = 4096
+    durations: int = 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    # how often the background refresher rebuilds the snapshot scrapes read
+    refresh_interval_seconds: float = 2.0
+    # connections accepted on these ports count as WebSocket (wss terminated in the app)
+    websocket_ports: tuple[int, ...] = ()
+    # processes beyond this many get folded into one comm="other" series per metric
+    max_process_series: int = 500
+    # path of the compiled BPF object; empty = the installed default
+    bpf_object: str = ""
+    peers: PeerConfig = field(default_factory=PeerConfig)
+    maps: MapConfig = field(default_factory=MapConfig)
+
+
+_RANGES: dict[str, tuple[float, float]] = {
+    "refresh_interval_seconds": (0.05, 300),
+    "max_process_series": (1, 100000),
+    "peers.top_k": (0, 1000),
+    "peers.ipv4_prefix": (0, 32),
+    "peers.ipv6_prefix": (0, 128),
+    "maps.*": (1, 16_777_216),
+}
+WEBSOCKET_PORTS_MAX = 16
+
+
+def _check_type(key: str, value: Any, want: type) -> Any:
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is int and isinstance(value, bool) or not isinstance(value, want):
+        raise ConfigError(f"{key}: expected {want.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_range(key: str, value: float) -> None:
+    lo_hi = _RANGES.get(key) or _RANGES.get(key.split(".")[0] + ".*")
+    if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
+        raise ConfigError(f"{key}: {value} is out of range [{lo_hi[0]:g}, {lo_hi[1]:g}]")
+
+
+def _build(cls, data: Any, prefix: str = ""):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in data.items():
+        key, default = prefix + name, getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, key + ".")
+        elif isinstance(default, tuple):
+            kwargs[name] = _ports(key, value)
+        else:
+            kwargs[name] = _check_type(key, value, type(default))
+            if isinstance(kwargs[name], (int, float)):
+                _check_range(key, kwargs[name])
+    return cls(**kwargs)
+
+
+def _ports(key: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(f"{key}: expected a list of ports, got {type(value).__name__}")
+    if len(value) > WEBSOCKET_PORTS_MAX:
+        raise ConfigError(f"{key}: at most {WEBSOCKET_PORTS_MAX} ports, got {len(value)}")
+    for p in value:
+        if isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= 65535:
+            raise ConfigError(f"{key}: {p!r} is not a port number (1-65535)")
+    return tuple(value)
+
+
+def parse(text: str, source: str = "config") -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+    try:
+        cfg = _build(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    if cfg.peers.hash and not cfg.peers.hash_key:
+        raise ConfigError(f"{source}: peers.hash_key: required when peers.hash is true")
+    return cfg
+
+
+def load(path: str | None) -> Config:
+    if not path:
+        return Config()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    return parse(text, path)
+
+
+def peer_network(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, peers: PeerConfig):
+    """The prefix a peer is aggregated to (a /32 or /128 is the address itself)."""
+    bits = peers.ipv4_prefix if addr.version == 4 else peers.ipv6_prefix
+    return ipaddress.ip_network(f"{addr}/{bits}", strict=False)

@@ -1,0 +1,181 @@
+"""Read the BPF maps into one immutable snapshot.
+
+A background thread builds snapshots; scrapes only ever read the newest one,
+so a slow /proc or a large map never blocks an HTTP request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from . import bpf_types as T
+from . import procinfo
+from .config import Config
+from .libbpf import LibbpfError
+from .probes import PROBES, Probes
+
+log = logging.getLogger("connwatch.snapshot")
+
+ERRNO_NAMES = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.EADDRNOTAVAIL: "EADDRNOTAVAIL"}
+KIND_NAMES = {k.value: k.name.lower() for k in T.Kind}
+SYSCALL_NAMES = {s.value: s.name.lower() for s in T.Syscall}
+
+
+@dataclass(frozen=True)
+class Process:
+    pid: int
+    comm: str
+    container: str
+
+
+@dataclass
+class Snapshot:
+    taken_at: float = 0.0
+    build_seconds: float = 0.0
+    ready: bool = False
+    processes: dict[int, Process] = field(default_factory=dict)
+    # (pid, port, kind) -> [open, accepted, closed]
+    connections: dict[tuple[int, int, str], list[int]] = field(default_factory=dict)
+    # (pid, syscall, errno name) -> count
+    fd_failures: dict[tuple[int, str, str], int] = field(default_factory=dict)
+    # (pid, syscall) -> count
+    port_exhaustion: dict[tuple[int, str], int] = field(default_factory=dict)
+    # (pid, port) -> (requested, effective)
+    listen_backlogs: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    # port -> drops
+    overflow_drops: dict[int, int] = field(default_factory=dict)
+    # map name -> (entries, capacity, full)
+    maps: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    map_memory: dict[str, int] = field(default_factory=dict)
+    probes: dict[str, bool] = field(default_factory=dict)
+    # probe -> (run_time_ns, run_count)
+    program_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class SnapshotReader:
+    """Turns map contents into a Snapshot; owns the (pid, start) -> Process cache."""
+
+    def __init__(self, probes: Probes, cfg: Config):
+        self.probes = probes
+        self.cfg = cfg
+        self._process_cache: dict[tuple[int, int], Process] = {}
+
+    def _live_processes(self) -> dict[int, tuple[int, T.Proc]]:
+        """tgid -> (pstart, proc) for processes the kernel still knows as alive."""
+        return {k: (v.pstart, v) for k, v in self.probes.maps["procs"].items(ctypes.c_uint32, T.Proc)}
+
+    def _process(self, tgid: int, pstart: int, proc: T.Proc) -> Process | None:
+        key = (tgid, pstart)
+        p = self._process_cache.get(key)
+        if p is None:
+            container = procinfo.container_id(tgid)
+            if container is None:  # exited between the map read and now
+                return None
+            p = Process(tgid, proc.comm.decode(errors="replace"), container)
+            self._process_cache[key] = p
+        return p
+
+    def read(self) -> Snapshot:
+        t0 = time.monotonic()
+        s = Snapshot(ready=True, probes=dict(self.probes.enabled))
+        maps = self.probes.maps
+        # Counters first, identities second: a process that starts in between
+        # is then already in `procs`, so its fresh counters are never dropped.
+        conn_items = list(maps["conn_counts"].items(T.ConnKey, T.ConnCounts))
+        fail_items = {name: list(maps[name].items(T.FailKey, ctypes.c_uint64))
+                      for name in ("fd_failures", "port_exhaustion")}
+        listener_items = list(maps["listeners"].items(ctypes.c_uint64, T.Listener))
+        live = self._live_processes()
+        used: set[tuple[int, int]] = set()
+
+        def owner(tgid: int, pstart: int) -> Process | None:
+            entry = live.get(tgid)
+            if entry is None or entry[0] != pstart:
+                return None  # the process exited (or its pid now belongs to another)
+            p = self._process(tgid, pstart, entry[1])
+            if p is not None:
+                used.add((tgid, pstart))
+                s.processes[tgid] = p
+            return p
+
+        stale = []
+        for k, v in conn_items:
+            if owner(k.tgid, k.pstart) is None:
+                stale.append(k)
+                continue
+            s.connections[(k.tgid, k.lport, KIND_NAMES.get(k.kind, "tcp"))] = [v.open, v.accepted, v.closed]
+        self._delete_stale(maps["conn_counts"], stale)
+
+        for mapname, target, with_errno in (("fd_failures", s.fd_failures, True),
+                                            ("port_exhaustion", s.port_exhaustion, False)):
+            stale = []
+            for k, v in fail_items[mapname]:
+                if owner(k.tgid, k.pstart) is None:
+                    stale.append(k)
+                    continue
+                name = SYSCALL_NAMES.get(k.syscall, "other")
+                key = (k.tgid, name, ERRNO_NAMES.get(k.err, str(k.err))) if with_errno else (k.tgid, name)
+                target[key] = target.get(key, 0) + v
+            self._delete_stale(maps[mapname], stale)
+
+        for _, v in listener_items:
+            if owner(v.tgid, v.pstart) is not None:
+                s.listen_backlogs[(v.tgid, v.lport)] = (v.backlog_requested, v.backlog_effective)
+
+        drops: dict[int, int] = defaultdict(int)
+        for k, v in maps["overflow_drops"].items(T.PortKey, ctypes.c_uint64):
+            drops[k.lport] += v
+        s.overflow_drops = dict(drops)
+
+        self._read_map_stats(s)
+        self._read_program_stats(s)
+        # forget cached identities of processes that are gone
+        self._process_cache = {k: v for k, v in self._process_cache.items() if k in used}
+        s.taken_at = time.time()
+        s.build_seconds = time.monotonic() - t0
+        return s
+
+    def _delete_stale(self, mp, keys) -> None:
+        """Drop counters of exited processes (double-checked against /proc)."""
+        for k in keys:
+            if procinfo.is_same_process(k.tgid, k.pstart):
+                continue  # alive after all: its procs entry did not fit
+
+            try:
+                mp.delete(k)
+            except LibbpfError as e:
+                log.debug("delete stale entry from %s: %s", mp.name, e)
+
+    def _read_map_stats(self, s: Snapshot) -> None:
+        maps = self.probes.maps
+        full = maps["map_full"]
+        for mid in T.MapId:
+            name = mid.name.lower()
+            mp = maps[name]
+            if name == "socks":
+                entries = sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64))
+            else:
+                entries = sum(1 for _ in mp.items(_raw(mp.key_size), _raw(mp.value_size)))
+            s.maps[name] = (entries, mp.max_entries,
+                            sum(full.lookup_percpu(ctypes.c_uint32(mid), ctypes.c_uint64)))
+            s.map_memory[name] = mp.memlock_bytes()
+
+    def _read_program_stats(self, s: Snapshot) -> None:
+        for name, prog in self.probes.obj.programs.items():
+            if prog.attached:
+                s.program_stats[PROBES.get(name, name)] = prog.run_stats()
+
+
+_RAW: dict[int, type] = {}
+
+
+def _raw(size: int) -> type:
+    """An opaque ctypes type of `size` bytes, for counting entries."""
+    if size not in _RAW:
+        _RAW[size] = ctypes.c_char * size
+    return _RAW[size]

@@ -1,0 +1,561 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * connwatch: in-kernel accounting of accepted TCP connections, fd-allocation
+ * failures, ephemeral-port exhaustion, listen() backlogs and accept-queue
+ * overflow drops.
+ *
+ * Only tracepoints are used (tp_btf): kprobes are not available on our target
+ * kernels and fentry is refused, and tracepoints are the stable ABI anyway.
+ * Everything is aggregated here; user space reads the maps when scraped.
+ */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+/* uapi syscall numbers and errno values of the target architecture */
+#include <asm/unistd.h>
+#include <asm-generic/errno.h>
+
+#include "connwatch.h"
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#define AF_INET 2
+#define AF_INET6 10
+
+/* Filled in by the loader before load. */
+const volatile __u16 websocket_ports[CW_WS_PORTS_MAX] = {};
+const volatile __u32 websocket_ports_len = 0;
+
+/*
+ * Never read: it pulls the shared enums into the object's BTF, where the
+ * agent checks its Python mirrors of them against this build.
+ */
+const volatile struct {
+	enum cw_kind kind;
+	enum cw_map_id map_id;
+	enum cw_syscall syscall;
+	enum cw_class_state class_state;
+} cw_btf_enums = {};
+
+/* Map capacities are placeholders: the loader sets them from configuration. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 262144);
+	__type(key, __u64);
+	__type(value, struct cw_sock);
+} socks SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct cw_conn_key);
+	__type(value, struct cw_conn_counts);
+} conn_counts SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u32);
+	__type(value, struct cw_proc);
+} procs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cw_fail_key);
+	__type(value, __u64);
+} fd_failures SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cw_fail_key);
+	__type(value, __u64);
+} port_exhaustion SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u64);
+	__type(value, struct cw_listener);
+} listeners SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cw_port_key);
+	__type(value, __u64);
+} overflow_drops SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct cw_peer_key);
+	__type(value, __s64);
+} peers SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cw_upgrade_key);
+	__type(value, __u64);
+} upgrades SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, struct cw_duration_key);
+	__type(value, struct cw_duration_hist);
+} durations SEC(".maps");
+
+/* Insert failures per map (enum cw_map_id): the map was full. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CW_MAP_COUNT);
+	__type(key, __u32);
+	__type(value, __u64);
+} map_full SEC(".maps");
+
+/* Live entries of `socks` (hash maps do not report their size). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __s64);
+} socks_live SEC(".maps");
+
+/* ---- small helpers ------------------------------------------------------ */
+
+static __always_inline void count_map_full(__u32 map_id)
+{
+	__u64 *n = bpf_map_lookup_elem(&map_full, &map_id);
+
+	if (n)
+		*n += 1; /* per-CPU slot: no atomic needed */
+}
+
+/*
+ * Return the value for key, inserting init first if absent. A failed insert
+ * other than a lost race (-EEXIST) means the map is full: counted, NULL.
+ */
+static __always_inline void *lookup_or_init(void *map, __u32 map_id,
+					    const void *key, const void *init)
+{
+	void *val = bpf_map_lookup_elem(map, key);
+	long err;
+
+	if (val)
+		return val;
+	err = bpf_map_update_elem(map, key, init, BPF_NOEXIST);
+	if (err && err != -EEXIST) {
+		count_map_full(map_id);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(map, key);
+}
+
+static __always_inline void add_u64(void *map, __u32 map_id, const void *key, __u64 delta)
+{
+	__u64 zero = 0, *n = lookup_or_init(map, map_id, key, &zero);
+
+	if (n)
+		__sync_fetch_and_add(n, delta);
+}
+
+/* The thread group leader's boot-based start time: /proc/<pid>/stat field 22. */
+static __always_inline __u64 current_pstart(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+
+	return BPF_CORE_READ(task, group_leader, start_boottime);
+}
+
+/* Record (or refresh) the identity of the current process; returns its tgid. */
+static __always_inline __u32 note_current_process(__u64 pstart)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct cw_proc *p = bpf_map_lookup_elem(&procs, &tgid);
+	struct cw_proc fresh = {};
+
+	if (p && p->pstart == pstart)
+		return tgid;
+	fresh.pstart = pstart;
+	fresh.cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));
+	if (bpf_map_update_elem(&procs, &tgid, &fresh, BPF_ANY))
+		count_map_full(CW_MAP_PROCS);
+	return tgid;
+}
+
+static __always_inline long syscall_nr(const struct pt_regs *regs)
+{
+#if defined(__TARGET_ARCH_x86)
+	return regs->orig_ax;
+#elif defined(__TARGET_ARCH_arm64)
+	return regs->syscallno;
+#else
+#error "connwatch: add this architecture's syscall-number register"
+#endif
+}
+
+static __always_inline __u16 syscall_id(long nr)
+{
+	switch (nr) {
+#ifdef __NR_accept
+	case __NR_accept: return CW_SYS_ACCEPT;
+#endif
+	case __NR_accept4: return CW_SYS_ACCEPT4;
+	case __NR_socket: return CW_SYS_SOCKET;
+	case __NR_socketpair: return CW_SYS_SOCKETPAIR;
+#ifdef __NR_open
+	case __NR_open: return CW_SYS_OPEN;
+#endif
+	case __NR_openat: return CW_SYS_OPENAT;
+	case __NR_openat2: return CW_SYS_OPENAT2;
+#ifdef __NR_creat
+	case __NR_creat: return CW_SYS_CREAT;
+#endif
+	case __NR_dup: return CW_SYS_DUP;
+#ifdef __NR_dup2
+	case __NR_dup2: return CW_SYS_DUP2;
+#endif
+	case __NR_dup3: return CW_SYS_DUP3;
+	case __NR_fcntl: return CW_SYS_FCNTL;
+#ifdef __NR_pipe
+	case __NR_pipe: return CW_SYS_PIPE;
+#endif
+	case __NR_pipe2: return CW_SYS_PIPE2;
+#ifdef __NR_epoll_create
+	case __NR_epoll_create: return CW_SYS_EPOLL_CREATE;
+#endif
+	case __NR_epoll_create1: return CW_SYS_EPOLL_CREATE1;
+#ifdef __NR_eventfd
+	case __NR_eventfd: return CW_SYS_EVENTFD;
+#endif
+	case __NR_eventfd2: return CW_SYS_EVENTFD2;
+	case __NR_timerfd_create: return CW_SYS_TIMERFD_CREATE;
+#ifdef __NR_signalfd
+	case __NR_signalfd: return CW_SYS_SIGNALFD;
+#endif
+	case __NR_signalfd4: return CW_SYS_SIGNALFD4;
+#ifdef __NR_inotify_init
+	case __NR_inotify_init: return CW_SYS_INOTIFY_INIT;
+#endif
+	case __NR_inotify_init1: return CW_SYS_INOTIFY_INIT1;
+	case __NR_memfd_create: return CW_SYS_MEMFD_CREATE;
+	case __NR_recvmsg: return CW_SYS_RECVMSG;
+	case __NR_pidfd_open: return CW_SYS_PIDFD_OPEN;
+	case __NR_io_uring_setup: return CW_SYS_IO_URING_SETUP;
+	case __NR_connect: return CW_SYS_CONNECT;
+	case __NR_bind: return CW_SYS_BIND;
+	default: return CW_SYS_OTHER;
+	}
+}
+
+/* struct sock behind a socket fd of the current task (the fd is known to be a socket). */
+static __always_inline struct sock *sock_from_fd(long fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct file **fds = BPF_CORE_READ(task, files, fdt, fd);
+	struct file *file = NULL;
+	struct socket *sock;
+
+	if (fd < 0 || bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]) || !file)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	return sock ? BPF_CORE_READ(sock, sk) : NULL;
+}
+
+static __always_inline bool is_tcp_inet(const struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+
+	return BPF_CORE_READ(sk, sk_protocol) == IPPROTO_TCP &&
+	       (family == AF_INET || family == AF_INET6);
+}
+
+/* Peer address as IPv6; IPv4 peers become ::ffff:a.b.c.d. */
+static __always_inline void read_peer(const struct sock *sk, __u8 peer[CW_ADDR_LEN])
+{
+	if (BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6) {
+		BPF_CORE_READ_INTO(peer, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		return;
+	}
+	__builtin_memset(peer, 0, CW_ADDR_LEN);
+	peer[10] = 0xff;
+	peer[11] = 0xff;
+	BPF_CORE_READ_INTO(&peer[12], sk, __sk_common.skc_daddr);
+}
+
+static __always_inline __u32 sock_netns(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
+
+/* ---- per-connection accounting ----------------------------------------- */
+
+static __always_inline void conn_counts_add(const struct cw_sock *s, __s64 open,
+					    __u64 accepted, __u64 closed)
+{
+	struct cw_conn_key key = {
+		.pstart = s->pstart, .tgid = s->tgid, .lport = s->lport, .kind = s->kind,
+	};
+	struct cw_conn_counts zero = {}, *c;
+
+	c = lookup_or_init(&conn_counts, CW_MAP_CONN_COUNTS, &key, &zero);
+	if (!c)
+		return;
+	if (open)
+		__sync_fetch_and_add(&c->open, open);
+	if (accepted)
+		__sync_fetch_and_add(&c->accepted, accepted);
+	if (closed)
+		__sync_fetch_and_add(&c->closed, closed);
+}
+
+static __always_inline void peers_add(const struct cw_sock *s, __s64 delta)
+{
+	struct cw_peer_key key = { .lport = s->lport };
+	__s64 zero = 0, *n;
+
+	__builtin_memcpy(key.peer, s->peer, CW_ADDR_LEN);
+	if (delta < 0) {
+		/* never create an entry on close: it was pruned or never fit */
+		n = bpf_map_lookup_elem(&peers, &key);
+	} else {
+		n = lookup_or_init(&peers, CW_MAP_PEERS, &key, &zero);
+	}
+	if (n)
+		__sync_fetch_and_add(n, delta);
+}
+
+static __always_inline __u32 log2_u64(__u64 v)
+{
+	__u32 r = 0;
+
+	/* bounded: at most 64 iterations */
+	for (int i = 0; i < 64 && v > 1; i++) {
+		v >>= 1;
+		r++;
+	}
+	return r;
+}
+
+static __always_inline void record_duration(const struct cw_sock *s, __u64 now)
+{
+	struct cw_duration_key key = { .lport = s->lport, .kind = s->kind };
+	struct cw_duration_hist *h;
+	static const struct cw_duration_hist zero;
+	__u64 dur = now - s->accepted_ns, ms = dur / 1000000;
+	/* bucket i holds [2^(i-1), 2^i) ms; bucket 0 holds < 1 ms */
+	__u32 b = ms ? log2_u64(ms) + 1 : 0;
+
+	h = lookup_or_init(&durations, CW_MAP_DURATIONS, &key, &zero);
+	if (!h)
+		return;
+	if (b >= CW_HIST_BUCKETS)
+		b = CW_HIST_BUCKETS - 1;
+	__sync_fetch_and_add(&h->buckets[b], 1);
+	__sync_fetch_and_add(&h->sum_ns, dur);
+	__sync_fetch_and_add(&h->count, 1);
+}
+
+static __always_inline bool is_websocket_port(__u16 port)
+{
+	for (__u32 i = 0; i < CW_WS_PORTS_MAX; i++) {
+		if (i >= websocket_ports_len)
+			break;
+		if (websocket_ports[i] == port)
+			return true;
+	}
+	return false;
+}
+
+static __always_inline void socks_live_add(__s64 delta)
+{
+	__u32 zero = 0;
+	__s64 *n = bpf_map_lookup_elem(&socks_live, &zero);
+
+	if (n)
+		*n += delta;
+}
+
+/* Stop tracking sk; the caller won the delete, so it does the accounting. */
+static __always_inline void account_close(struct cw_sock *s)
+{
+	conn_counts_add(s, -1, 0, 1);
+	peers_add(s, -1);
+	record_duration(s, bpf_ktime_get_ns());
+}
+
+static __always_inline void on_accept(long fd)
+{
+	struct sock *sk = sock_from_fd(fd);
+	struct cw_sock s = {};
+	__u64 key = (__u64)sk;
+
+	if (!sk || !is_tcp_inet(sk))
+		return;
+	s.accepted_ns = bpf_ktime_get_ns();
+	s.pstart = current_pstart();
+	s.tgid = note_current_process(s.pstart);
+	s.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	read_peer(sk, s.peer);
+	if (is_websocket_port(s.lport)) {
+		s.kind = CW_KIND_WEBSOCKET;
+		s.class_state = CW_CLASS_DONE;
+	}
+
+	conn_counts_add(&s, 1, 1, 0);
+	peers_add(&s, 1);
+	if (bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST)) {
+		/* untracked: undo so that the open gauge cannot leak */
+		count_map_full(CW_MAP_SOCKS);
+		account_close(&s);
+		return;
+	}
+	socks_live_add(1);
+	/*
+	 * A peer may have reset the connection while it sat in the accept queue,
+	 * or just now on another CPU, before our entry existed: then no
+	 * TCP_CLOSE event will come for it. Whoever deletes the entry accounts
+	 * the close, so it is counted exactly once.
+	 */
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE &&
+	    bpf_map_delete_elem(&socks, &key) == 0) {
+		socks_live_add(-1);
+		account_close(&s);
+	}
+}
+
+static __always_inline void on_listen(const struct pt_regs *regs)
+{
+	struct sock *sk = sock_from_fd(PT_REGS_PARM1_CORE_SYSCALL(regs));
+	struct cw_listener l = {};
+	__u64 key = (__u64)sk;
+
+	if (!sk || !is_tcp_inet(sk))
+		return;
+	l.pstart = current_pstart();
+	l.tgid = note_current_process(l.pstart);
+	l.netns = sock_netns(sk);
+	l.backlog_requested = (__u32)PT_REGS_PARM2_CORE_SYSCALL(regs);
+	l.backlog_effective = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	l.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	l.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	/* listen() may be called again to change the backlog: overwrite */
+	if (bpf_map_update_elem(&listeners, &key, &l, BPF_ANY))
+		count_map_full(CW_MAP_LISTENERS);
+}
+
+static __always_inline void count_failure(void *map, __u32 map_id, long nr, long err)
+{
+	__u64 pstart = current_pstart();
+	struct cw_fail_key key = {
+		.pstart = pstart,
+		.tgid = note_current_process(pstart),
+		.syscall = syscall_id(nr),
+		.err = err,
+	};
+
+	add_u64(map, map_id, &key, 1);
+}
+
+/* ---- programs ---------------------------------------------------------- */
+
+/*
+ * Every syscall return. Successful accept()s and listen()s are recorded;
+ * -EMFILE/-ENFILE from any syscall and -EADDRNOTAVAIL from connect()/bind()
+ * are counted. The common path is two compares.
+ */
+SEC("tp_btf/sys_exit")
+int BPF_PROG(cw_sys_exit, struct pt_regs *regs, long ret)
+{
+	long nr = syscall_nr(regs);
+
+	if (ret >= 0) {
+		if (nr == __NR_accept4
+#ifdef __NR_accept
+		    || nr == __NR_accept
+#endif
+		)
+			on_accept(ret);
+		else if (nr == __NR_listen)
+			on_listen(regs);
+		return 0;
+	}
+	if (ret == -EMFILE || ret == -ENFILE)
+		count_failure(&fd_failures, CW_MAP_FD_FAILURES, nr, -ret);
+	else if (ret == -EADDRNOTAVAIL && (nr == __NR_connect || nr == __NR_bind))
+		count_failure(&port_exhaustion, CW_MAP_PORT_EXHAUSTION, nr, -ret);
+	return 0;
+}
+
+/* TCP_CLOSE ends an accepted connection or a listener. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(cw_sock_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	__u64 key = (__u64)sk;
+	struct cw_sock *s;
+
+	if (newstate != TCP_CLOSE)
+		return 0;
+	s = bpf_map_lookup_elem(&socks, &key);
+	if (s) {
+		struct cw_sock copy = *s;
+
+		if (bpf_map_delete_elem(&socks, &key) == 0) {
+			socks_live_add(-1);
+			account_close(&copy);
+		}
+		return 0;
+	}
+	if (oldstate == TCP_LISTEN)
+		bpf_map_delete_elem(&listeners, &key);
+	return 0;
+}
+
+/*
+ * Handshake ACKs dropped because the listener's accept queue was full. (SYNs
+ * dropped for the same reason carry no drop reason; they are in sk_drops.)
+ */
+SEC("tp_btf/kfree_skb")
+int BPF_PROG(cw_kfree_skb, struct sk_buff *skb, void *location, enum skb_drop_reason reason)
+{
+	struct cw_port_key key = {};
+	struct tcphdr th;
+	struct net_device *dev;
+	unsigned char *head;
+	__u16 thoff;
+
+	if (!bpf_core_enum_value_exists(enum skb_drop_reason, SKB_DROP_REASON_TCP_LISTEN_OVERFLOW) ||
+	    reason != bpf_core_enum_value(enum skb_drop_reason, SKB_DROP_REASON_TCP_LISTEN_OVERFLOW))
+		return 0;
+	head = BPF_CORE_READ(skb, head);
+	thoff = BPF_CORE_READ(skb, transport_header);
+	if (bpf_probe_read_kernel(&th, sizeof(th), head + thoff))
+		return 0;
+	key.lport = bpf_ntohs(th.dest);
+	dev = BPF_CORE_READ(skb, dev);
+	key.netns = dev ? BPF_CORE_READ(dev, nd_net.net, ns.inum) : 0;
+	add_u64(&overflow_drops, CW_MAP_OVERFLOW_DROPS, &key, 1);
+	return 0;
+}
+
+/* A process is gone: forget its identity so user space drops its series. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(cw_process_exit, struct task_struct *task)
+{
+	__u32 tgid = BPF_CORE_READ(task, tgid);
+	struct cw_proc *p;
+
+	/* do_exit() drops signal->live before this tracepoint: 0 = last thread */
+	if (BPF_CORE_READ(task, signal, live.counter) != 0)
+		return 0;
+	p = bpf_map_lookup_elem(&procs, &tgid);
+	if (p && p->pstart == BPF_CORE_READ(task, group_leader, start_boottime))
+		bpf_map_delete_elem(&procs, &tgid);
+	return 0;
+}
