@@ -14,7 +14,7 @@ import time
 
 from prometheus_client.registry import CollectorRegistry
 
-from . import probes as probes_mod
+from . import caps, probes as probes_mod
 from .collector import ConnwatchCollector
 from .config import Config
 from .snapshot import Snapshot, SnapshotReader
@@ -71,6 +71,7 @@ class Agent:
     def start(self) -> None:
         self._serve()
         self.probes = probes_mod.load_and_attach(self.cfg)
+        log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(caps.AFTER_ATTACH)["effective"])) or "none")
         reader = SnapshotReader(self.probes, self.cfg)
         self._snapshot = reader.read()
         t = threading.Thread(target=self._refresh_loop, args=(reader,), name="refresh", daemon=True)

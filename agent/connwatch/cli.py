@@ -15,9 +15,20 @@ from . import __version__
 EXIT_USAGE = 2
 
 
+COMMANDS = ("run", "doctor")
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --web.listen is a typo, not a prefix
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # one line, not argparse's usage dump
-        self.exit(EXIT_USAGE, f"connwatch: error: {message} (see connwatch --help)\n")
+        self.exit(EXIT_USAGE, f"connwatch: error: {_one_line(message)} (see connwatch --help)\n")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,25 +62,62 @@ def _setup_logging(level: str) -> None:
 
 
 def _fail(message: str) -> int:
-    print(f"connwatch: error: {message}", file=sys.stderr)
+    print(f"connwatch: error: {_one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
+
+
+GRANT_HINT = ("run it as root, or grant them: systemd AmbientCapabilities=CAP_BPF CAP_PERFMON "
+              "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH, docker run --cap-add BPF --cap-add PERFMON, "
+              "Kubernetes securityContext.capabilities.add [BPF, PERFMON]")
+
+
+def check_privileges() -> None:
+    """Loading tracing programs needs CAP_BPF and CAP_PERFMON (CAP_SYS_ADMIN implies both)."""
+    from . import caps
+    from .agent import StartupError
+
+    try:
+        eff = caps.current()["effective"]
+    except OSError:
+        return  # cannot tell: let the load itself report
+    if "CAP_SYS_ADMIN" in eff:
+        return
+    missing = sorted({"CAP_BPF", "CAP_PERFMON"} - eff)
+    if missing:
+        raise StartupError(f"missing capabilit{'ies' if len(missing) > 1 else 'y'} "
+                           f"{' and '.join(missing)} to load the BPF programs: {GRANT_HINT}")
+
+
+def _listen_error(address: str, e: OSError) -> str:
+    reason = e.strerror or str(e)
+    if isinstance(e, PermissionError):
+        reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    return f"--web.listen-address {address}: cannot listen: {reason}"
 
 
 def _run(args) -> int:
     from . import config, webconfig
     from .agent import Agent, StartupError, preflight
     from .probes import ProbeError
+    from .web import parse_listen_address
 
     _setup_logging(args.log_level)
+    if not args.telemetry_path.startswith("/") or any(c.isspace() for c in args.telemetry_path):
+        return _fail(f"--web.telemetry-path {args.telemetry_path!r}: must be a path starting with /")
     try:
+        parse_listen_address(args.listen_address)
         cfg = config.load(args.config_file)
         web_cfg = webconfig.load(args.web_config_file)
         preflight()
+        check_privileges()
+    except (config.ConfigError, StartupError, ValueError) as e:
+        return _fail(str(e))
+    try:
         agent = Agent(cfg, args.listen_address, args.telemetry_path, web_cfg)
     except (config.ConfigError, StartupError, ValueError) as e:
         return _fail(str(e))
     except OSError as e:
-        return _fail(f"cannot listen on {args.listen_address}: {e.strerror}")
+        return _fail(_listen_error(args.listen_address, e))
     try:
         agent.run_forever()
     except ProbeError as e:
@@ -86,9 +134,11 @@ def _doctor(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `connwatch --web.listen-address=...` means `connwatch run --web.listen-address=...`
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
+        argv = ["run", *argv]
     args = _parser().parse_args(argv)
-    if args.command is None:
-        args = _parser().parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
     if args.command == "doctor":
         return _doctor(args)
     return _run(args)

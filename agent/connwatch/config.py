@@ -82,7 +82,8 @@ def _check_type(key: str, value: Any, want: type) -> Any:
 def _check_range(key: str, value: float) -> None:
     lo_hi = _RANGES.get(key) or _RANGES.get(key.split(".")[0] + ".*")
     if lo_hi and not lo_hi[0] <= value <= lo_hi[1]:
-        raise ConfigError(f"{key}: {value} is out of range [{lo_hi[0]:g}, {lo_hi[1]:g}]")
+        lo, hi = (int(x) if float(x).is_integer() else x for x in lo_hi)
+        raise ConfigError(f"{key}: {value} is out of range [{lo}, {hi}]")
 
 
 def _build(cls, data: Any, prefix: str = ""):
@@ -91,7 +92,7 @@ def _build(cls, data: Any, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
     kwargs = {}
@@ -119,14 +120,61 @@ def _ports(key: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+MAX_FILE_BYTES = 1 << 20
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice is an error instead of last-one-wins."""
+
+
+def _no_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        if isinstance(key, (str, int, float, bool)):
+            seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def safe_load(text: str):
+    """YAML -> Python with the safe loader, refusing duplicate keys."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def yaml_error(e: yaml.YAMLError) -> str:
+    """One line: where in the file and what is wrong."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"malformed YAML{where}: {' '.join(str(problem).split())}"
+
+
+def read_text(path: str, what: str = "config file") -> str:
+    """A small UTF-8 file's text; ConfigError naming the file otherwise."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} {path}: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{what} {path} is larger than {MAX_FILE_BYTES} bytes")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+
+
 def parse(text: str, source: str = "config") -> Config:
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{source}: malformed YAML{where}: {problem}") from None
+        raise ConfigError(f"{source}: {yaml_error(e)}") from None
     try:
         cfg = _build(Config, data)
     except ConfigError as e:
@@ -139,14 +187,7 @@ def parse(text: str, source: str = "config") -> Config:
 def load(path: str | None) -> Config:
     if not path:
         return Config()
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8 text") from None
-    return parse(text, path)
+    return parse(read_text(path), path)
 
 
 def peer_network(addr: ipaddress.IPv4Address | ipaddress.IPv6Address, peers: PeerConfig):
