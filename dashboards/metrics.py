@@ -70,3 +70,44 @@ UP = "up"
 CONTRACT: frozenset[str] = frozenset(
     v for k, v in dict(globals()).items() if k.isupper() and isinstance(v, str)
 )
+
+
+# --- which metrics does a PromQL expression read? ---------------------------------
+
+import re as _re  # noqa: E402
+
+_KEYWORDS = frozenset("""
+    sum min max avg count stddev stdvar topk bottomk quantile count_values group
+    by without on ignoring group_left group_right bool and or unless offset
+    inf nan
+""".split())
+_STRINGS = _re.compile(r'"(?:[^"\\]|\\.)*"|`[^`]*`|\'(?:[^\'\\]|\\.)*\'')
+_MATCHERS = _re.compile(r"\{[^{}]*\}")
+_RANGES = _re.compile(r"\[[^\]]*\]")
+_LABEL_LISTS = _re.compile(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^()]*\)")
+_VARIABLES = _re.compile(r"\$\{?\w+\}?")
+_DURATION_OR_NUMBER = _re.compile(r"\b\d[\w.]*")
+_IDENT = _re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+
+def referenced(expr: str) -> set[str]:
+    """Metric names an expression selects (functions, keywords and labels removed).
+
+    Grafana's `label_values(metric, label)` template queries are understood too.
+    """
+    lv = _re.fullmatch(r"\s*label_values\((.*),\s*\w+\s*\)\s*", expr, _re.S)
+    if lv:
+        expr = lv.group(1)
+    s = _STRINGS.sub(" ", expr)
+    s = _MATCHERS.sub(" ", s)
+    s = _RANGES.sub(" ", s)
+    s = _LABEL_LISTS.sub(" ", s)
+    s = _VARIABLES.sub(" ", s)
+    s = _DURATION_OR_NUMBER.sub(" ", s)
+    names = set()
+    for match in _IDENT.finditer(s):
+        word, rest = match.group(0), s[match.end():].lstrip()
+        if rest.startswith("(") or word in _KEYWORDS:
+            continue  # a function call or an operator keyword
+        names.add(word)
+    return names
