@@ -289,6 +289,16 @@ static __always_inline void read_peer(const struct sock *sk, __u8 peer[CW_ADDR_L
 	BPF_CORE_READ_INTO(&peer[12], sk, __sk_common.skc_daddr);
 }
 
+/*
+ * Local port of a connected socket. Not skc_num: tcp_set_state(TCP_CLOSE)
+ * unhashes the socket and zeroes it, and a connection reset while waiting
+ * in the accept queue is accepted already closed. inet_sport survives.
+ */
+static __always_inline __u16 local_port(const struct sock *sk)
+{
+	return bpf_ntohs(BPF_CORE_READ((const struct inet_sock *)sk, inet_sport));
+}
+
 static __always_inline __u32 sock_netns(const struct sock *sk)
 {
 	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
@@ -401,7 +411,7 @@ static __always_inline void on_accept(long fd)
 	s.accepted_ns = bpf_ktime_get_ns();
 	s.pstart = current_pstart();
 	s.tgid = note_current_process(s.pstart);
-	s.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	s.lport = local_port(sk);
 	read_peer(sk, s.peer);
 	if (is_websocket_port(s.lport)) {
 		s.kind = CW_KIND_WEBSOCKET;

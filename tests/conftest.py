@@ -1,0 +1,183 @@
+"""Shared fixtures: a real agent attached to the real kernel, and scraping."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+CONNWATCH = str(ROOT / ".venv" / "bin" / "connwatch")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
+             what: str | Callable[[], str] = ""):
+    """Poll until condition() is truthy; return its value or fail saying `what`."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = condition()
+        if last:
+            return last
+        time.sleep(interval)
+    description = what() if callable(what) else what
+    pytest.fail(f"timed out after {timeout}s waiting for {description or condition} (last: {last!r})")
+
+
+class Metrics:
+    """One parsed scrape."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.samples = [s for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+    def select(self, name: str, **labels: str) -> list:
+        return [s for s in self.samples
+                if s.name == name and all(s.labels.get(k) == str(v) for k, v in labels.items())]
+
+    def value(self, name: str, **labels) -> float | None:
+        """Sum of the matching samples, None if there are none."""
+        found = self.select(name, **labels)
+        return sum(s.value for s in found) if found else None
+
+
+class AgentProcess:
+    def __init__(self, tmp: Path, config: str = "", extra_args: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.config_path = tmp / "connwatch.yml"
+        self.config_path.write_text("refresh_interval_seconds: 0.1\n" + config)
+        self.log_path = tmp / "agent.log"
+        self.url = f"http://127.0.0.1:{self.port}/metrics"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [CONNWATCH, "run", f"--web.listen-address=127.0.0.1:{self.port}",
+             f"--config.file={self.config_path}", *extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(self._ready, timeout=60, what="agent ready")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"agent exited with {self.proc.returncode}:\n{self.log_path.read_text()}")
+        try:
+            return self.scrape().value("connwatch_ready") == 1
+        except OSError:
+            return False
+
+    def scrape(self) -> Metrics:
+        with urllib.request.urlopen(self.url, timeout=10) as r:
+            return Metrics(r.read().decode())
+
+    def wait_for_value(self, name: str, expected: float, timeout: float = 20.0, **labels) -> Metrics:
+        """Poll scrapes until the summed value of name{labels} equals expected."""
+        holder = {}
+
+        def check():
+            m = self.scrape()
+            holder["last"] = m.value(name, **labels)
+            return m if holder["last"] == expected else None
+
+        return wait_for(check, timeout, what=lambda: f"{name}{labels} == {expected} (last {holder.get('last')})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def agent(tmp_path_factory):
+    a = AgentProcess(tmp_path_factory.mktemp("agent"))
+    yield a
+    a.stop()
+
+
+@pytest.fixture
+def start_agent(tmp_path):
+    """Start agents with a given config; all are stopped after the test."""
+    started: list[AgentProcess] = []
+
+    def start(config: str = "", extra_args: tuple[str, ...] = ()) -> AgentProcess:
+        d = tmp_path / f"agent{len(started)}"
+        d.mkdir()
+        a = AgentProcess(d, config, extra_args)
+        started.append(a)
+        return a
+
+    yield start
+    for a in started:
+        a.stop()
+
+
+@pytest.fixture
+def netns():
+    """A fresh network namespace with loopback up; deleted afterwards."""
+    name = f"cwtest-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+class ServerProcess:
+    """tests/servers/hold_server.py in a child process, driven over stdin."""
+
+    def __init__(self, *args: str, env: dict | None = None):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "servers" / "hold_server.py"), *args],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        self.info = self.readline().split()  # "ready <port> [<port6>]"
+        assert self.info[0] == "ready", self.info
+        self.ports = [int(p) for p in self.info[1:]]
+
+    def readline(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server exited with {self.proc.wait()}")
+        return line.strip()
+
+    def command(self, cmd: str) -> str:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self.readline()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def server():
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict | None = None) -> ServerProcess:
+        s = ServerProcess(*args, env=env)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()

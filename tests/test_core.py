@@ -1,0 +1,140 @@
+"""Agent core against the real kernel: connection counts, EMFILE, listen()
+backlogs, accept-queue overflow drops and map hygiene under churn."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, wait_for
+
+
+def connect_many(host: str, port: int, n: int, family=socket.AF_INET) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        s = socket.socket(family, socket.SOCK_STREAM)
+        s.connect((host, port))
+        out.append(s)
+    return out
+
+
+def test_counts_ipv4_and_ipv6_exactly_then_back_to_zero(agent, server):
+    srv = server("--v4", "127.0.0.1", "--v6", "::1")
+    p4, p6 = srv.ports
+    pid = str(srv.pid)
+    clients = connect_many("127.0.0.1", p4, 25) + connect_many("::1", p6, 15, socket.AF_INET6)
+    assert srv.command("accept 40") == "accepted 40"
+
+    agent.wait_for_value("connwatch_connections", 25, pid=pid, port=p4, kind="tcp")
+    m = agent.wait_for_value("connwatch_connections", 15, pid=pid, port=p6, kind="tcp")
+    assert m.value("connwatch_connections_accepted_total", pid=pid, port=p4) == 25
+    assert m.value("connwatch_connections_accepted_total", pid=pid, port=p6) == 15
+    (series,) = m.select("connwatch_connections", pid=pid, port=p4)
+    assert series.labels["comm"].startswith("python")
+    assert series.labels["container"] == ""
+
+    assert srv.command("close 40") == "closed 40"
+    agent.wait_for_value("connwatch_connections", 0, pid=pid, port=p4)
+    m = agent.wait_for_value("connwatch_connections", 0, pid=pid, port=p6)
+    assert m.value("connwatch_connections_closed_total", pid=pid, port=p4) == 25
+    assert m.value("connwatch_connections_closed_total", pid=pid, port=p6) == 15
+    for c in clients:
+        c.close()
+
+
+def test_peer_close_first_is_counted_as_closed(agent, server):
+    srv = server()
+    (port,) = srv.ports
+    clients = connect_many("127.0.0.1", port, 10)
+    srv.command("accept 10")
+    agent.wait_for_value("connwatch_connections", 10, pid=srv.pid, port=port)
+    # client side resets half and closes the other half gracefully
+    for c in clients[:5]:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        c.close()
+    for c in clients[5:]:
+        c.close()
+    # RST'd ones reach TCP_CLOSE at once; FIN'd ones wait in CLOSE_WAIT until the app closes
+    agent.wait_for_value("connwatch_connections", 5, pid=srv.pid, port=port)
+    srv.command("close 10")
+    agent.wait_for_value("connwatch_connections", 0, pid=srv.pid, port=port)
+
+
+def test_exited_process_disappears(agent, server):
+    srv = server()
+    (port,) = srv.ports
+    clients = connect_many("127.0.0.1", port, 3)
+    srv.command("accept 3")
+    agent.wait_for_value("connwatch_connections", 3, pid=srv.pid, port=port)
+    srv.command("exit")
+    srv.proc.wait(10)
+    wait_for(lambda: not agent.scrape().select("connwatch_connections", pid=str(srv.pid)),
+             what="series of the exited process to disappear")
+    for c in clients:
+        c.close()
+
+
+def test_emfile_counted_per_syscall(agent, server):
+    srv = server("--backlog", "16")
+    # A child with a soft RLIMIT_NOFILE of 64: prlimit on the real process.
+    subprocess.run(["prlimit", f"--pid={srv.pid}", "--nofile=64:64"], check=True)
+    reply = srv.command("emfile").split()
+    openat, sock, accept4 = (int(x) for x in reply[1:])
+    assert (openat, sock, accept4) == (2, 2, 3)
+    pid = str(srv.pid)
+    agent.wait_for_value("connwatch_fd_alloc_failures_total", 2, pid=pid, syscall="openat", errno="EMFILE")
+    agent.wait_for_value("connwatch_fd_alloc_failures_total", 2, pid=pid, syscall="socket", errno="EMFILE")
+    m = agent.wait_for_value("connwatch_fd_alloc_failures_total", 3, pid=pid, syscall="accept4",
+                             errno="EMFILE")
+    assert m.value("connwatch_fd_alloc_failures_total", pid=pid) == 7
+
+
+def test_listen_backlog_requested_and_capped(agent):
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(65535)
+    port = s.getsockname()[1]
+    import os
+    m = agent.wait_for_value("connwatch_listen_backlog_requested", 65535, pid=os.getpid(), port=port)
+    assert m.value("connwatch_listen_backlog_requested", pid=os.getpid(), port=port) > somaxconn
+    s.close()
+
+
+def test_accept_queue_overflow_drops_handshake_acks(agent, netns):
+    """Handshake ACKs dropped on a full accept queue are counted per port,
+    also inside another network namespace (see servers/ack_overflow.py)."""
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable,
+                             str(ROOT / "tests" / "servers" / "ack_overflow.py")],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(proc.stdout.readline().split()[1])
+        wait_for(lambda: (agent.scrape().value("connwatch_listen_overflow_drops_total", port=port) or 0) >= 5,
+                 what="5 handshake ACKs dropped on the full accept queue")
+    finally:
+        proc.stdin.close()
+        proc.wait(10)
+
+
+def test_churn_leaves_socket_map_at_baseline(agent, server):
+    srv = server()
+    (port,) = srv.ports
+    baseline = agent.scrape().value("connwatch_bpf_map_entries", map="socks")
+    n = 20000
+    srv.proc.stdin.write(f"churn {n}\n")
+    srv.proc.stdin.flush()
+    for i in range(n):
+        c = socket.create_connection(("127.0.0.1", port))
+        if i % 2:  # half of them reset, half closed gracefully
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        c.close()
+    assert srv.readline() == f"churned {n}"
+    m = agent.wait_for_value("connwatch_connections_closed_total", n, pid=srv.pid, port=port, timeout=60)
+    assert m.value("connwatch_connections_accepted_total", pid=srv.pid, port=port) == n
+    assert m.value("connwatch_connections", pid=srv.pid, port=port) == 0
+    agent.wait_for_value("connwatch_bpf_map_entries", baseline, map="socks", timeout=60)
+    assert m.value("connwatch_bpf_map_full_total", map="socks") == 0
