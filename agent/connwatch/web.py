@@ -6,7 +6,8 @@ Hardened against the clients a fleet-wide agent meets:
   (and its TLS handshake), not only a per-read timeout, so a client that
   trickles a byte a second is cut off after REQUEST_TIMEOUT_SECONDS;
 * request lines and header lines are capped at 64 KiB, at most 100 headers
-  (http.server's limits: 414 / 431), HTTP/0.9 is refused;
+  (http.server's limits: 414 / 431), the whole request head at
+  MAX_REQUEST_HEAD_BYTES (431), HTTP/0.9 is refused;
 * at most MAX_CONNECTIONS connections are served at once. A new connection
   over the cap first evicts the longest-waiting connection that has not sent
   a complete request for EVICT_AFTER_SECONDS (slowloris); if none can be
@@ -44,7 +45,9 @@ REQUEST_TIMEOUT_SECONDS = 10    # first request line + headers (+ TLS handshake)
 KEEPALIVE_TIMEOUT_SECONDS = 30  # a kept-alive connection's next request, in total
 SHED_TIMEOUT_SECONDS = 2        # a shed connection's request, before its 503
 MAX_CONNECTIONS = 64
-SHED_CONNECTIONS = 16
+SHED_CONNECTIONS = 64
+# request line + headers, in total (each line is also capped at 64 KiB)
+MAX_REQUEST_HEAD_BYTES = 96 * 1024
 EVICT_AFTER_SECONDS = 1.0
 LANDING = """<html><head><title>connwatch</title></head><body>
 <h1>connwatch</h1><p><a href="{path}">Metrics</a></p></body></html>
@@ -78,8 +81,13 @@ class _Reject(Exception):
         self.reply = reply
 
 
+class _HeadTooLarge(Exception):
+    pass
+
+
 class _DeadlineIO(io.RawIOBase):
-    """Socket reads that together must finish before the handler's deadline."""
+    """Socket reads that together must finish before the handler's deadline
+    and, per request, stay under MAX_REQUEST_HEAD_BYTES."""
 
     def __init__(self, handler: _HandlerBase):
         self._h = handler
@@ -88,23 +96,31 @@ class _DeadlineIO(io.RawIOBase):
         return True
 
     def readinto(self, b) -> int:
-        remaining = self._h.deadline - time.monotonic()
+        h = self._h
+        remaining = h.deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError("request deadline passed")
-        sock = self._h.connection
+        if h.head_bytes >= MAX_REQUEST_HEAD_BYTES:
+            raise _HeadTooLarge()
+        sock = h.connection
         sock.settimeout(min(remaining, CLIENT_TIMEOUT_SECONDS))
         try:
-            return sock.recv_into(b)
+            n = sock.recv_into(b)
         finally:
             sock.settimeout(CLIENT_TIMEOUT_SECONDS)  # for the response
+        h.head_bytes += n
+        return n
 
 
 class _HandlerBase(BaseHTTPRequestHandler):
     server_version = "connwatch"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    # errors found before the version is parsed still get a status line
+    default_request_version = "HTTP/1.0"
     shed = False
     deadline = 0.0
+    head_bytes = 0
 
     def version_string(self) -> str:
         return self.server_version
@@ -159,9 +175,16 @@ class _HandlerBase(BaseHTTPRequestHandler):
         if not self._first:
             self.deadline = time.monotonic() + KEEPALIVE_TIMEOUT_SECONDS
         self._first = False
+        self.head_bytes = 0
         self.server.mark(self._conn, reading=True)
         try:
             super().handle_one_request()
+        except _HeadTooLarge:
+            self.close_connection = True
+            try:
+                self.send_error(431, "Request header fields too large")
+            except OSError:
+                pass
         except (OSError, ssl.SSLError, ValueError) as e:  # includes timeouts and resets
             log.debug("connection from %s: %s", self.client_address[0], e)
             self.close_connection = True
@@ -169,9 +192,11 @@ class _HandlerBase(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         if not super().parse_request():
             return False
-        if self.request_version == "HTTP/0.9":
-            self.request_version = "HTTP/1.0"  # so the error gets a status line
-            self.send_error(400, "HTTP/0.9 is not supported")
+        if len(self.requestline.split()) == 2 or not self.request_version.startswith("HTTP/1."):
+            # HTTP/0.9 (no version, or below 1.0): its responses have no status line
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
+            self.send_error(400, "HTTP versions below 1.0 are not supported")
             return False
         self.server.mark(self._conn, reading=False)
         return True
