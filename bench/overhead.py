@@ -1,0 +1,228 @@
+"""What the agent costs the host: connection churn, syscall-heavy loops, and the
+per-event cost of each BPF program (benchmarks 1, 2, 3 and the churn half of 5).
+
+Every comparison is paired: each round measures every condition back to back
+(the order rotates from round to round), and ratios are taken within a round.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+
+from . import common as C
+
+NCPU = os.cpu_count() or 2
+
+
+def _quiet(profile, own=()) -> int:
+    return C.wait_quiet(profile.quiet_wait, own)
+
+
+def _agent_accepted(agent: C.Agent, port: int) -> int:
+    return int(sum(v for n, lab, v in agent.metrics()
+                   if n == "connwatch_connections_accepted_total" and lab.get("port") == str(port)))
+
+
+# ---- 1 and 5b: connection churn ----------------------------------------------------
+
+
+def churn_round(profile, attached: bool, rate: float = 0) -> dict:
+    agent = C.Agent(tag="churn") if attached else None
+    try:
+        foreign = C.foreign_syscall_links([agent.pid] if agent else [])
+        res = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup,
+                        profile.churn_seconds, rate, "127.0.0.10")
+        res["foreign_links"] = foreign
+        if agent:
+            # the agent saw the load (its snapshot lags by up to one refresh)
+            time.sleep(agent_refresh_wait())
+            res["agent_accepted"] = _agent_accepted(agent, int(res["port"]))
+    finally:
+        if agent:
+            agent.stop()
+    res["cpu_us_per_conn"] = res["cpu_busy_s"] * 1e6 / max(res["conns"], 1)
+    return res
+
+
+def agent_refresh_wait() -> float:
+    return 2.2  # default refresh_interval_seconds (2 s) plus a margin
+
+
+def churn(profile, rate: float = 0, rounds: int | None = None) -> dict:
+    rounds = rounds or profile.rounds
+    rows = []
+    for r in range(rounds):
+        order = (False, True) if r % 2 == 0 else (True, False)
+        pair = {}
+        for attached in order:
+            if not attached:
+                _quiet(profile)
+            pair[attached] = churn_round(profile, attached, rate)
+        rows.append(pair)
+        C.log(f"churn rate={rate or 'max'} round {r + 1}/{rounds}: off {pair[False]['rate']:.0f}/s "
+              f"on {pair[True]['rate']:.0f}/s ratio {pair[True]['rate'] / pair[False]['rate']:.3f}")
+    ratios = [p[True]["rate"] / p[False]["rate"] for p in rows]
+    cpu_ratios = [p[True]["cpu_us_per_conn"] / p[False]["cpu_us_per_conn"] for p in rows]
+    return {
+        "offered_rate": rate,
+        "rate_off": C.summary([p[False]["rate"] for p in rows]),
+        "rate_on": C.summary([p[True]["rate"] for p in rows]),
+        "ratio": C.summary(ratios),
+        "cpu_us_per_conn_off": C.summary([p[False]["cpu_us_per_conn"] for p in rows]),
+        "cpu_us_per_conn_on": C.summary([p[True]["cpu_us_per_conn"] for p in rows]),
+        "cpu_ratio": C.summary(cpu_ratios),
+        "agent_accepted_vs_measured": [p[True].get("agent_accepted", 0) / max(p[True]["conns"], 1) for p in rows],
+        "failed_connects": sum(p[a]["failed"] for p in rows for a in (False, True)),
+        "foreign_links_max": max(p[a]["foreign_links"] for p in rows for a in (False, True)),
+    }
+
+
+def churn_growth(profile) -> dict:
+    out = {}
+    for rate in profile.churn_rates:
+        out[str(rate)] = churn(profile, rate=rate, rounds=profile.growth_rounds)
+    return out
+
+
+# ---- 2: syscall-heavy loops ---------------------------------------------------------------
+
+SYSCALL_CONDITIONS = {
+    "none": "no BPF program attached (baseline)",
+    "agent": "(a) connwatch agent running (all its probes, incl. tp_btf/sys_exit)",
+    "cw_sys_exit": "(a') connwatch's cw_sys_exit program alone",
+    "empty": "(b) empty tp_btf/sys_exit program",
+    "alt": "(c) per-syscall tracepoints syscalls:sys_exit_{accept4,socket,openat,...} (alternative design)",
+}
+
+
+class _Attach:
+    def __init__(self, cond: str, objs):
+        self.agent = self.bpf = None
+        if cond == "agent":
+            self.agent = C.Agent(tag="syscall")
+        elif cond == "cw_sys_exit":
+            self.bpf = C.Bpf(C.AGENT_OBJ, only={"cw_sys_exit"})
+        elif cond == "empty":
+            self.bpf = C.Bpf(objs["empty"])
+        elif cond == "alt":
+            self.bpf = C.Bpf(objs["alt"], only={n for n in _alt_programs(objs)})
+
+    @property
+    def pids(self):
+        return [self.agent.pid] if self.agent else []
+
+    def close(self):
+        if self.agent:
+            self.agent.stop()
+        if self.bpf:
+            self.bpf.close()
+
+
+def _alt_programs(objs) -> list[str]:
+    from connwatch.libbpf import BpfObject
+
+    with BpfObject(str(objs["alt"])) as o:
+        return [n for n in o.programs if n.startswith("alt_")]
+
+
+def syscall(profile, objs) -> dict:
+    conds = list(SYSCALL_CONDITIONS)
+    modes = ("getppid", "pipe")
+    ns = {c: {m: [] for m in modes} for c in conds}
+    foreign = defaultdict(int)
+    skipped = {}
+    with C.tracefs():
+        for r in range(profile.syscall_rounds):
+            k = r % len(conds)
+            for cond in conds[k:] + conds[:k]:
+                if cond == "none":
+                    _quiet(profile)
+                a = _Attach(cond, objs)
+                try:
+                    if a.bpf and a.bpf.skipped:
+                        skipped.update(a.bpf.skipped)
+                    foreign[cond] = max(foreign[cond], C.foreign_syscall_links(a.pids))
+                    for m in modes:
+                        res = C.loadgen("sysloop", m, NCPU, profile.warmup / 2, profile.syscall_seconds)
+                        ns[cond][m].append(res["ns_per_iter"])
+                finally:
+                    a.close()
+            C.log(f"syscall round {r + 1}/{profile.syscall_rounds}: " + ", ".join(
+                f"{c} {ns[c]['getppid'][-1]:.0f}/{ns[c]['pipe'][-1]:.0f}ns" for c in conds))
+    out = {"conditions": SYSCALL_CONDITIONS, "foreign_links_max": dict(foreign),
+           "alt_programs_not_attached": skipped}
+    for m in modes:
+        out[m] = {}
+        base = ns["none"][m]
+        for c in conds:
+            row = {"ns_per_iter": C.summary(ns[c][m])}
+            if c != "none":
+                row["slowdown_pct"] = C.summary([(x / b - 1) * 100 for x, b in zip(ns[c][m], base)])
+            out[m][c] = row
+    return out
+
+
+# ---- 3: per-event BPF cost ------------------------------------------------------------------
+
+
+def _stats_delta(before, after):
+    return {k: (after[k][0] - before.get(k, (0, 0))[0], after[k][1] - before.get(k, (0, 0))[1]) for k in after}
+
+
+def _agent_prog_stats(agent: C.Agent) -> dict[str, tuple[int, int]]:
+    t, n = {}, {}
+    for name, lab, v in agent.metrics():
+        if name == "connwatch_bpf_program_run_seconds_total":
+            t[lab["program"]] = v
+        elif name == "connwatch_bpf_program_runs_total":
+            n[lab["program"]] = v
+    return {p: (int(round(t[p] * 1e9)), int(n.get(p, 0))) for p in t}
+
+
+def _workload(profile) -> dict:
+    ch = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup / 2,
+                   profile.churn_seconds, 0, "127.0.0.10")
+    sl = C.loadgen("sysloop", "getppid", NCPU, 0.1, profile.syscall_seconds)
+    return {"conns": ch["conns"], "syscalls": sl["iters"]}
+
+
+def bpfcost(profile, objs) -> dict:
+    out = {}
+    with C.sysctl("kernel.bpf_stats_enabled", "1") as old:
+        out["bpf_stats_enabled_before"] = old
+        # the agent: read through its own metrics (this also checks the
+        # connwatch_bpf_program_* series it exports)
+        agent = C.Agent(tag="bpfcost")
+        try:
+            time.sleep(agent_refresh_wait())
+            before = _agent_prog_stats(agent)
+            out["agent_workload"] = _workload(profile)
+            time.sleep(agent_refresh_wait())
+            d = _stats_delta(before, _agent_prog_stats(agent))
+        finally:
+            agent.stop()
+        out["agent"] = {p: {"runs": n, "ns_per_event": t / n if n else float("nan"), "total_s": t / 1e9}
+                        for p, (t, n) in sorted(d.items())}
+        # the alternatives, same workload, loaded by the bench itself
+        with C.tracefs():
+            for tag, path, only in (("empty", objs["empty"], None),
+                                    ("alt", objs["alt"], set(_alt_programs(objs)))):
+                b = C.Bpf(path, only=only)
+                try:
+                    before = b.run_stats()
+                    _workload(profile)
+                    d = _stats_delta(before, b.run_stats())
+                finally:
+                    b.close()
+                rows = {p: {"runs": n, "ns_per_event": t / n if n else float("nan"), "total_s": t / 1e9}
+                        for p, (t, n) in sorted(d.items()) if n}
+                if tag == "alt":
+                    tot_t = sum(r["total_s"] for r in rows.values())
+                    tot_n = sum(r["runs"] for r in rows.values())
+                    rows["(all alt_* programs)"] = {"runs": tot_n, "total_s": tot_t,
+                                                    "ns_per_event": tot_t * 1e9 / tot_n if tot_n else float("nan")}
+                out[tag] = rows
+    out["bpf_stats_enabled_after"] = C.sysctl_get("kernel.bpf_stats_enabled")
+    return out
