@@ -201,6 +201,13 @@ class _HandlerBase(BaseHTTPRequestHandler):
         self.server.mark(self._conn, reading=False)
         return True
 
+    def send_response_only(self, code, message=None):
+        if not self.request_version.startswith("HTTP/1."):
+            # whatever the client claimed (HTTP/0.9 has no status line): answer 1.0, then close
+            self.request_version = "HTTP/1.0"
+            self.close_connection = True
+        super().send_response_only(code, message)
+
     def end_headers(self):
         for k, v in self.server.extra_headers.items():
             self.send_header(k, v)
