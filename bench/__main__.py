@@ -101,16 +101,23 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("1 churn", f"ratio attached/detached ({r['ratio']['n']} paired rounds)", _ratio(r["ratio"]),
                      f">= 0.97: {_mark(r['ratio']['median'] >= 0.97)}"))
         rows.append(("1 churn", "CPU per connection (system-wide) attached/detached", _ratio(r["cpu_ratio"]), ""))
+        rows.append(("1 churn", "generator CPU us/conn detached / attached (ratio)",
+                     f"{r['gen_cpu_us_per_conn_off']['median']:.1f} / {r['gen_cpu_us_per_conn_on']['median']:.1f} "
+                     f"({_ratio(r['gen_cpu_ratio'])})", ""))
     if "syscall" in res:
         r = res["syscall"]
         for m, label in (("getppid", "getppid()"), ("pipe", "1-byte write+read on a pipe")):
             base = r[m]["none"]["ns_per_iter"]
-            rows.append(("2 syscall", f"{label}: ns/iteration, nothing attached", f"{base['median']:.0f}", ""))
+            rows.append(("2 syscall", f"{label}: CPU ns/iteration, nothing attached",
+                         f"{base['median']:.0f} (wall {r[m]['none']['wall_ns_per_iter']['median']:.0f})", ""))
             for c in ("agent", "cw_sys_exit", "empty", "alt"):
                 s = r[m][c]["slowdown_pct"]
                 tgt = f"<= 5%: {_mark(s['median'] <= 5)}" if c == "agent" else ""
                 rows.append(("2 syscall", f"{label}: slowdown, {r['conditions'][c]}",
-                             f"{r[m][c]['ns_per_iter']['median']:.0f} ns, {_pct(s)}", tgt))
+                             f"{r[m][c]['ns_per_iter']['median']:.0f} ns, {_pct(s)} (wall {r[m][c]['wall_slowdown_pct']['median']:+.1f}%)", tgt))
+        oc = r["other_cpu_cores"]["none"]
+        rows.append(("2 syscall", "other load on the machine during baseline runs (cores)",
+                     f"{oc['median']:.2f} [{oc['min']:.2f} .. {oc['max']:.2f}]", ""))
     if "bpfcost" in res:
         r = res["bpfcost"]
         for who in ("agent", "empty", "alt"):

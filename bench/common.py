@@ -329,13 +329,18 @@ class Agent:
                            "--config.file", self.cfg_path, "--log.level", "warn"],
                           stdout=self._log, stderr=subprocess.STDOUT)
         self.proc.graceful = True
+        t0 = time.monotonic()
+        self.probes: dict[str, bool] = {}
         self._wait_ready()
+        self.startup_seconds = time.monotonic() - t0
+        if self.startup_seconds > 10:
+            log(f"agent start-up took {self.startup_seconds:.0f} s (probes: {self.probes})")
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def _wait_ready(self, timeout: float = 60.0) -> None:
+    def _wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -343,6 +348,7 @@ class Agent:
             try:
                 m = {(n, lab.get("probe")): v for n, lab, v in parse_metrics(self.scrape()[1])}
                 if m.get(("connwatch_ready", None)) == 1:
+                    self.probes = {p: v == 1 for (n, p), v in m.items() if n == "connwatch_probe_enabled"}
                     if m.get(("connwatch_probe_enabled", "sys_exit")) != 1:
                         raise RuntimeError("agent ready but its sys_exit probe is not attached")
                     return

@@ -28,21 +28,51 @@ def _agent_accepted(agent: C.Agent, port: int) -> int:
 # ---- 1 and 5b: connection churn ----------------------------------------------------
 
 
-def churn_round(profile, attached: bool, rate: float = 0) -> dict:
-    agent = C.Agent(tag="churn") if attached else None
-    try:
-        foreign = C.foreign_syscall_links([agent.pid] if agent else [])
-        res = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup,
-                        profile.churn_seconds, rate, "127.0.0.10")
-        res["foreign_links"] = foreign
-        if agent:
-            # the agent saw the load (its snapshot lags by up to one refresh)
-            time.sleep(agent_refresh_wait())
-            res["agent_accepted"] = _agent_accepted(agent, int(res["port"]))
-    finally:
-        if agent:
-            agent.stop()
+class _AgentSpan:
+    """One agent kept across adjacent attached phases (rounds alternate
+    off,on | on,off | off,on ..., so attached phases come in pairs): half the
+    agent start-ups, which matters when start-up is slow."""
+
+    def __init__(self):
+        self.agent: C.Agent | None = None
+        self.ports: list[int] = []
+        self.conns = 0
+        self.checks: list[float] = []
+        self.startups: list[float] = []
+
+    def attach(self) -> C.Agent:
+        if self.agent is None:
+            self.agent = C.Agent(tag="churn")
+            self.startups.append(self.agent.startup_seconds)
+            self.ports, self.conns = [], 0
+        return self.agent
+
+    def detach(self) -> None:
+        if self.agent is None:
+            return
+        try:
+            self.checks.append(self.agent.proc.poll() is None)  # still alive after the load
+        finally:
+            self.agent.stop()
+            self.agent = None
+
+
+def churn_phase(profile, span: _AgentSpan, attached: bool, rate: float = 0) -> dict:
+    if attached:
+        agent = span.attach()
+    else:
+        span.detach()
+        _quiet(profile)
+        agent = None
+    foreign = C.foreign_syscall_links([agent.pid] if agent else [])
+    res = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup,
+                    profile.churn_seconds, rate, "127.0.0.10")
+    res["foreign_links"] = foreign
+    if agent:
+        span.ports.append(int(res["port"]))
+        span.conns += res["conns"]
     res["cpu_us_per_conn"] = res["cpu_busy_s"] * 1e6 / max(res["conns"], 1)
+    res["gen_cpu_us_per_conn"] = res["cpu_procs_s"] * 1e6 / max(res["conns"], 1)
     return res
 
 
@@ -53,16 +83,18 @@ def agent_refresh_wait() -> float:
 def churn(profile, rate: float = 0, rounds: int | None = None) -> dict:
     rounds = rounds or profile.rounds
     rows = []
-    for r in range(rounds):
-        order = (False, True) if r % 2 == 0 else (True, False)
-        pair = {}
-        for attached in order:
-            if not attached:
-                _quiet(profile)
-            pair[attached] = churn_round(profile, attached, rate)
-        rows.append(pair)
-        C.log(f"churn rate={rate or 'max'} round {r + 1}/{rounds}: off {pair[False]['rate']:.0f}/s "
-              f"on {pair[True]['rate']:.0f}/s ratio {pair[True]['rate'] / pair[False]['rate']:.3f}")
+    span = _AgentSpan()
+    try:
+        for r in range(rounds):
+            order = (False, True) if r % 2 == 0 else (True, False)
+            pair = {}
+            for attached in order:
+                pair[attached] = churn_phase(profile, span, attached, rate)
+            rows.append(pair)
+            C.log(f"churn rate={rate or 'max'} round {r + 1}/{rounds}: off {pair[False]['rate']:.0f}/s "
+                  f"on {pair[True]['rate']:.0f}/s ratio {pair[True]['rate'] / pair[False]['rate']:.3f}")
+    finally:
+        span.detach()
     ratios = [p[True]["rate"] / p[False]["rate"] for p in rows]
     cpu_ratios = [p[True]["cpu_us_per_conn"] / p[False]["cpu_us_per_conn"] for p in rows]
     return {
@@ -73,7 +105,11 @@ def churn(profile, rate: float = 0, rounds: int | None = None) -> dict:
         "cpu_us_per_conn_off": C.summary([p[False]["cpu_us_per_conn"] for p in rows]),
         "cpu_us_per_conn_on": C.summary([p[True]["cpu_us_per_conn"] for p in rows]),
         "cpu_ratio": C.summary(cpu_ratios),
-        "agent_accepted_vs_measured": [p[True].get("agent_accepted", 0) / max(p[True]["conns"], 1) for p in rows],
+        "gen_cpu_us_per_conn_off": C.summary([p[False]["gen_cpu_us_per_conn"] for p in rows]),
+        "gen_cpu_us_per_conn_on": C.summary([p[True]["gen_cpu_us_per_conn"] for p in rows]),
+        "gen_cpu_ratio": C.summary([p[True]["gen_cpu_us_per_conn"] / p[False]["gen_cpu_us_per_conn"] for p in rows]),
+        "agent_alive_after_load": span.checks,
+        "agent_startup_seconds": span.startups,
         "failed_connects": sum(p[a]["failed"] for p in rows for a in (False, True)),
         "foreign_links_max": max(p[a]["foreign_links"] for p in rows for a in (False, True)),
     }
@@ -102,6 +138,7 @@ class _Attach:
         self.agent = self.bpf = None
         if cond == "agent":
             self.agent = C.Agent(tag="syscall")
+            self.startup = self.agent.startup_seconds
         elif cond == "cw_sys_exit":
             self.bpf = C.Bpf(C.AGENT_OBJ, only={"cw_sys_exit"})
         elif cond == "empty":
@@ -130,7 +167,9 @@ def _alt_programs(objs) -> list[str]:
 def syscall(profile, objs) -> dict:
     conds = list(SYSCALL_CONDITIONS)
     modes = ("getppid", "pipe")
-    ns = {c: {m: [] for m in modes} for c in conds}
+    ns = {c: {m: [] for m in modes} for c in conds}      # CPU ns per iteration (primary)
+    wall = {c: {m: [] for m in modes} for c in conds}    # wall ns per iteration and process
+    noise = {c: [] for c in conds}  # busy CPU not used by the loops, in cores
     foreign = defaultdict(int)
     skipped = {}
     with C.tracefs():
@@ -146,20 +185,24 @@ def syscall(profile, objs) -> dict:
                     foreign[cond] = max(foreign[cond], C.foreign_syscall_links(a.pids))
                     for m in modes:
                         res = C.loadgen("sysloop", m, NCPU, profile.warmup / 2, profile.syscall_seconds)
-                        ns[cond][m].append(res["ns_per_iter"])
+                        ns[cond][m].append(res["cpu_ns_per_iter"])
+                        wall[cond][m].append(res["ns_per_iter"])
+                        noise[cond].append((res["cpu_busy_s"] - res["cpu_procs_s"]) / res["seconds"])
                 finally:
                     a.close()
             C.log(f"syscall round {r + 1}/{profile.syscall_rounds}: " + ", ".join(
                 f"{c} {ns[c]['getppid'][-1]:.0f}/{ns[c]['pipe'][-1]:.0f}ns" for c in conds))
     out = {"conditions": SYSCALL_CONDITIONS, "foreign_links_max": dict(foreign),
-           "alt_programs_not_attached": skipped}
+           "alt_programs_not_attached": skipped,
+           "other_cpu_cores": {c: C.summary(v) for c, v in noise.items()}}
     for m in modes:
         out[m] = {}
         base = ns["none"][m]
         for c in conds:
-            row = {"ns_per_iter": C.summary(ns[c][m])}
+            row = {"ns_per_iter": C.summary(ns[c][m]), "wall_ns_per_iter": C.summary(wall[c][m])}
             if c != "none":
                 row["slowdown_pct"] = C.summary([(x / b - 1) * 100 for x, b in zip(ns[c][m], base)])
+                row["wall_slowdown_pct"] = C.summary([(x / b - 1) * 100 for x, b in zip(wall[c][m], wall["none"][m])])
             out[m][c] = row
     return out
 

@@ -271,7 +271,8 @@ def scale(profile) -> dict:
     holders = None
     try:
         holders = Holders(nproc)
-        out = {"holder_processes": nproc, "levels": []}
+        out = {"holder_processes": nproc, "agent_startup_seconds": agent.startup_seconds,
+               "agent_probes": agent.probes, "levels": []}
         for level in levels:
             out["levels"].append(measure_level(profile, agent, holders, level))
         return out

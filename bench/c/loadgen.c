@@ -8,9 +8,11 @@
  *       port); CLIENTS processes connect() from SRC_BASE, SRC_BASE+1 ...,
  *       wait for the server's FIN, then close with an RST (no TIME_WAIT).
  *       RATE 0 = as fast as possible, else total offered connections/s.
- *       Prints: conns=N seconds=S rate=R cpu_busy_s=B
+ *       Prints: conns=N seconds=S rate=R cpu_busy_s=B (system-wide)
+ *       cpu_procs_s=P (the generator's own processes) ...
  *   loadgen sysloop MODE PROCS WARMUP_S SECONDS     MODE = getppid | pipe
- *       Prints: iters=N seconds=S ns_per_iter=X  (per process)
+ *       Prints: iters=N seconds=S ns_per_iter=X (wall, per process)
+ *       cpu_ns_per_iter=Y (CPU time the loops got, per iteration) ...
  *   loadgen hold-server MAX
  *       Listens on 127.0.0.1:<any>, prints "port P", then accepts and keeps up
  *       to MAX connections, printing "accepted N" whenever the queue drains.
@@ -68,6 +70,24 @@ static double cpu_busy(void)
 		v[0] = 0;
 	fclose(f);
 	return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / sysconf(_SC_CLK_TCK);
+}
+
+/* CPU time (ns) the given processes have run, from /proc/<pid>/schedstat */
+static double cpu_of(const pid_t *pids, int n)
+{
+	double t = 0;
+	for (int i = 0; i < n; i++) {
+		char path[64];
+		unsigned long long ns = 0;
+		snprintf(path, sizeof(path), "/proc/%d/schedstat", pids[i]);
+		FILE *f = fopen(path, "r");
+		if (!f)
+			continue;
+		if (fscanf(f, "%llu", &ns) == 1)
+			t += ns / 1e9;
+		fclose(f);
+	}
+	return t;
 }
 
 static struct slot *shared_slots(int n)
@@ -203,14 +223,14 @@ static int cmd_churn(int argc, char **argv)
 		pids[n++] = p;
 	}
 	sleep_until(now() + warmup);
-	double t0 = now(), b0 = cpu_busy();
+	double t0 = now(), b0 = cpu_busy(), p0 = cpu_of(pids, n);
 	uint64_t c0 = sum(cnt, clients);
 	sleep_until(t0 + seconds);
-	double t1 = now(), b1 = cpu_busy();
+	double t1 = now(), b1 = cpu_busy(), p1 = cpu_of(pids, n);
 	uint64_t c1 = sum(cnt, clients);
 	reap(pids, n);
-	printf("conns=%llu seconds=%.4f rate=%.1f cpu_busy_s=%.3f failed=%llu port=%d\n",
-	       (unsigned long long)(c1 - c0), t1 - t0, (c1 - c0) / (t1 - t0), b1 - b0,
+	printf("conns=%llu seconds=%.4f rate=%.1f cpu_busy_s=%.3f cpu_procs_s=%.4f failed=%llu port=%d\n",
+	       (unsigned long long)(c1 - c0), t1 - t0, (c1 - c0) / (t1 - t0), b1 - b0, p1 - p0,
 	       (unsigned long long)sum(fail, clients), port);
 	return 0;
 }
@@ -224,7 +244,7 @@ static int cmd_sysloop(int argc, char **argv)
 	int pipe_mode = strcmp(argv[2], "pipe") == 0, procs = atoi(argv[3]);
 	double warmup = atof(argv[4]), seconds = atof(argv[5]);
 	struct slot *cnt = shared_slots(procs);
-	pid_t pids[64];
+	pid_t pids[64] = {0};
 
 	if (procs > 64)
 		return 2;
@@ -249,14 +269,17 @@ static int cmd_sysloop(int argc, char **argv)
 		pids[i] = p;
 	}
 	sleep_until(now() + warmup);
-	double t0 = now();
+	double t0 = now(), b0 = cpu_busy(), p0 = cpu_of(pids, procs);
 	uint64_t c0 = sum(cnt, procs);
 	sleep_until(t0 + seconds);
-	double t1 = now();
+	double t1 = now(), b1 = cpu_busy(), p1 = cpu_of(pids, procs);
 	uint64_t c1 = sum(cnt, procs);
 	reap(pids, procs);
-	printf("iters=%llu seconds=%.4f ns_per_iter=%.2f\n", (unsigned long long)(c1 - c0), t1 - t0,
-	       (t1 - t0) * procs * 1e9 / (double)(c1 - c0));
+	/* ns_per_iter: wall time per iteration of one process; cpu_ns_per_iter:
+	 * CPU time the loops actually got per iteration (robust to other load) */
+	printf("iters=%llu seconds=%.4f ns_per_iter=%.2f cpu_ns_per_iter=%.2f cpu_busy_s=%.3f cpu_procs_s=%.4f\n",
+	       (unsigned long long)(c1 - c0), t1 - t0, (t1 - t0) * procs * 1e9 / (double)(c1 - c0),
+	       (p1 - p0) * 1e9 / (double)(c1 - c0), b1 - b0, p1 - p0);
 	return 0;
 }
 
