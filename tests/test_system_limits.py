@@ -1,0 +1,305 @@
+"""system.py against the real kernel: every value equals what /proc says, and
+values follow reality when the test changes it.
+
+Whatever the test changes happens in a network namespace of its own
+(`ip netns add`), so its TIME_WAIT sockets and connections neither disturb
+nor are disturbed by other tests running on the host at the same time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from connwatch import system
+from connwatch.system import TCP_LISTEN, read_system
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+AGENT_SRC = str(ROOT / "agent")
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ip netns needs root")
+
+
+@contextmanager
+def netns():
+    """A throwaway network namespace with loopback up; always deleted."""
+    name = f"cw4-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def run_in(ns: str, code: str, timeout: float = 60) -> dict:
+    """Run `code` with python inside `ns`; it prints one JSON object."""
+    out = subprocess.run(["ip", "netns", "exec", ns, PYTHON, "-c", textwrap.dedent(code)],
+                         capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": AGENT_SRC})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def sysctl_in(ns: str, key: str, value: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", f"{key}={value}"], check=True)
+
+
+def proc_ints(path: str) -> list[int]:
+    with open(path) as f:
+        return [int(x) for x in f.read().split()]
+
+
+def settled(read_proc, read_ours, attempts: int = 50):
+    """(proc value, our value) from a moment when /proc did not change around
+    our read: other tests on the host move global counters all the time."""
+    for _ in range(attempts):
+        before = read_proc()
+        ours = read_ours()
+        if read_proc() == before:
+            return before, ours
+    pytest.skip("the value kept changing under concurrent load")
+
+
+# ---- limits: equal to /proc/sys -------------------------------------------------
+
+def test_limits_equal_proc_sys():
+    s = read_system(with_socket_table=False)
+    assert s.open_files_limit == proc_ints("/proc/sys/fs/file-max")[0]
+    assert s.nr_open == proc_ints("/proc/sys/fs/nr_open")[0]
+    assert s.tcp_time_wait_limit == proc_ints("/proc/sys/net/ipv4/tcp_max_tw_buckets")[0]
+    assert s.tcp_orphans_limit == proc_ints("/proc/sys/net/ipv4/tcp_max_orphans")[0]
+    assert s.somaxconn == proc_ints("/proc/sys/net/core/somaxconn")[0]
+    assert s.tcp_max_syn_backlog == proc_ints("/proc/sys/net/ipv4/tcp_max_syn_backlog")[0]
+    low, high = proc_ints("/proc/sys/net/ipv4/ip_local_port_range")
+    assert s.ephemeral_port_range == (low, high)
+    assert s.tcp_memory_pages_limit is not None
+    assert [s.tcp_memory_pages_limit.min, s.tcp_memory_pages_limit.pressure,
+            s.tcp_memory_pages_limit.max] == proc_ints("/proc/sys/net/ipv4/tcp_mem")
+    if os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max"):
+        assert s.conntrack_entries_limit == proc_ints("/proc/sys/net/netfilter/nf_conntrack_max")[0]
+    else:
+        assert s.conntrack_entries_limit is None and s.conntrack_entries is None
+
+
+def test_usage_equals_proc_when_settled():
+    def file_nr():
+        allocated, free, _ = proc_ints("/proc/sys/fs/file-nr")
+        return allocated - free
+    proc, ours = settled(file_nr, lambda: read_system(with_socket_table=False).open_files)
+    assert ours == proc
+
+    def sockstat_tcp():
+        return system.parse_sockstat(Path("/proc/net/sockstat").read_text())["TCP"]
+    proc, ours = settled(sockstat_tcp, lambda: read_system(with_socket_table=False))
+    assert (ours.tcp_time_wait, ours.tcp_orphans, ours.tcp_memory_pages) == (proc["tw"], proc["orphan"], proc["mem"])
+
+    def listen_counters():
+        text = Path("/proc/net/netstat").read_text().splitlines()
+        header = next(line for line in text if line.startswith("TcpExt:")).split()
+        values = [line for line in text if line.startswith("TcpExt:")][1].split()
+        row = dict(zip(header, values))
+        return int(row["ListenOverflows"]), int(row["ListenDrops"])
+    proc, ours = settled(listen_counters, lambda: read_system(with_socket_table=False))
+    assert (ours.listen_overflows, ours.listen_drops) == proc
+
+
+# ---- TIME_WAIT, ports, listeners: changed by the test, in its own netns ----------
+
+@needs_root
+def test_time_wait_rises_by_the_connections_closed_first_here():
+    with netns() as ns:
+        result = run_in(ns, """
+            import json, socket, time
+            from connwatch.system import read_system
+            before = read_system()
+            listener = socket.socket(); listener.bind(("127.0.0.1", 0)); listener.listen(512)
+            clients, servers = [], []
+            for _ in range(300):
+                c = socket.create_connection(listener.getsockname())
+                clients.append(c); servers.append(listener.accept()[0])
+            for c in clients:
+                c.close()          # the side that closes first gets TIME_WAIT
+            for s in servers:
+                s.close()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                after = read_system()
+                if after.tcp_time_wait >= before.tcp_time_wait + 300:
+                    break
+                time.sleep(0.05)
+            proc_tw = int(open("/proc/net/sockstat").read().split(" tw ")[1].split()[0])
+            print(json.dumps({"before": before.tcp_time_wait, "after": after.tcp_time_wait, "proc": proc_tw,
+                              "limit": after.tcp_time_wait_limit,
+                              "proc_limit": int(open("/proc/sys/net/ipv4/tcp_max_tw_buckets").read()),
+                              "ports_in_use": after.ephemeral_ports_in_use}))
+        """)
+    assert result["before"] == 0
+    assert result["after"] == 300 == result["proc"]
+    assert result["limit"] == result["proc_limit"]
+    # TIME_WAIT sockets still hold their local ports against that destination
+    assert result["ports_in_use"] == 300
+
+
+@needs_root
+@pytest.mark.parametrize("source", ["sock_diag", "proc"])
+def test_busiest_destination_counts_outbound_connections_to_one_listener(source):
+    with netns() as ns:
+        result = run_in(ns, f"""
+            import json, socket
+            from connwatch import system
+            busy = socket.socket(); busy.bind(("127.0.0.1", 0)); busy.listen(512)
+            quiet = socket.socket(); quiet.bind(("127.0.0.2", 0)); quiet.listen(512)
+            held = [socket.create_connection(busy.getsockname()) for _ in range(120)]
+            held += [socket.create_connection(quiet.getsockname()) for _ in range(30)]
+            # accepted sockets sit on the listener's own (ephemeral) port:
+            # they must not count as outbound
+            held += [busy.accept()[0] for _ in range(120)]
+            rng = system.read_port_range()
+            use, used_source = system.ephemeral_port_use(rng, prefer="{source}")
+            print(json.dumps({{"in_use": use.in_use, "busiest": use.busiest_destination,
+                              "busiest_count": use.busiest_destination_in_use, "source": used_source,
+                              "busy": "127.0.0.1:%d" % busy.getsockname()[1]}}))
+        """)
+    assert result["source"] == source
+    assert result["busiest"] == result["busy"]
+    assert result["busiest_count"] == 120
+    assert result["in_use"] == 150
+
+
+@needs_root
+def test_ipv6_and_v4_mapped_destinations():
+    with netns() as ns:
+        result = run_in(ns, """
+            import json, socket
+            from connwatch import system
+            v6 = socket.socket(socket.AF_INET6); v6.bind(("::1", 0)); v6.listen(64)
+            v4 = socket.socket(); v4.bind(("127.0.0.1", 0)); v4.listen(64)
+            held = [socket.create_connection(("::1", v6.getsockname()[1])) for _ in range(7)]
+            # dual-stack sockets reaching the IPv4 listener: the same destination
+            for _ in range(3):
+                s = socket.socket(socket.AF_INET6)
+                s.connect(("::ffff:127.0.0.1", v4.getsockname()[1])); held.append(s)
+            held += [socket.create_connection(v4.getsockname()) for _ in range(2)]
+            out = {}
+            for source in ("sock_diag", "proc"):
+                use, _ = system.ephemeral_port_use(system.read_port_range(), prefer=source)
+                out[source] = [use.in_use, use.busiest_destination, use.busiest_destination_in_use]
+            out["v6"] = v6.getsockname()[1]
+            print(json.dumps(out))
+        """)
+    expected = [12, f"[::1]:{result['v6']}", 7]
+    assert result["sock_diag"] == expected == result["proc"]
+
+
+@needs_root
+def test_port_range_size_excludes_reserved_ports():
+    with netns() as ns:
+        sysctl_in(ns, "net.ipv4.ip_local_port_range", "40000 40999")
+        sysctl_in(ns, "net.ipv4.ip_local_reserved_ports", "40100-40199,50000")
+        result = run_in(ns, """
+            import json
+            from connwatch.system import read_system
+            s = read_system()
+            print(json.dumps([s.ephemeral_port_range, s.ephemeral_ports, s.ephemeral_ports_in_use,
+                              s.busiest_destination, s.busiest_destination_ports_in_use]))
+        """)
+    assert result == [[40000, 40999], 900, 0, None, 0]
+
+
+@needs_root
+def test_listener_queue_and_effective_backlog_match_ss():
+    with netns() as ns:
+        sysctl_in(ns, "net.core.somaxconn", "4096")
+        result = run_in(ns, """
+            import json, socket, subprocess
+            from connwatch.system import TCP_LISTEN, tcp_sockets
+            small = socket.socket(); small.bind(("127.0.0.1", 0)); small.listen(37)
+            capped = socket.socket(); capped.bind(("127.0.0.1", 0)); capped.listen(65535)
+            queued = [socket.create_connection(small.getsockname()) for _ in range(5)]
+            sockets, source = tcp_sockets({TCP_LISTEN})
+            ours = {s.local_port: [s.recv_queue, s.send_queue] for s in sockets}
+            ss = {}
+            for line in subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout.splitlines():
+                state, recvq, sendq, local, _ = line.split(None, 4)
+                ss[int(local.rsplit(":", 1)[1])] = [int(recvq), int(sendq)]
+            print(json.dumps({"source": source, "ours": ours, "ss": ss,
+                              "small": small.getsockname()[1], "capped": capped.getsockname()[1]}))
+        """)
+    ours = {int(k): v for k, v in result["ours"].items()}
+    ss = {int(k): v for k, v in result["ss"].items()}
+    assert result["source"] == "sock_diag"
+    assert ours == ss
+    assert ours[result["small"]] == [5, 37]
+    assert ours[result["capped"]] == [0, 4096]
+
+
+def test_sock_diag_and_proc_see_the_same_listeners():
+    via_diag, _ = system.tcp_sockets({TCP_LISTEN})
+    via_proc, source = system.tcp_sockets({TCP_LISTEN}, prefer="proc")
+    assert source == "proc"
+    # listeners come and go with other tests: compare the stable ones
+    common = {s.inode for s in via_diag} & {s.inode for s in via_proc}
+    for a in via_diag:
+        if a.inode in common:
+            b = next(x for x in via_proc if x.inode == a.inode)
+            assert (a.family, a.local_address, a.local_port) == (b.family, b.local_address, b.local_port)
+
+
+# ---- a missing file is None, never an exception --------------------------------
+
+@needs_root
+def test_missing_conntrack_and_tcp_mem_give_none_and_no_metric():
+    """Hide /proc/sys/net/netfilter and tcp_mem in a private mount namespace:
+    the files are really absent for the reader, as without nf_conntrack."""
+    code = textwrap.dedent("""
+        import json
+        from connwatch.headroom import HeadroomSnapshot, headroom_metrics
+        from connwatch.system import read_system
+        s = read_system()
+        names = [m.name for m in headroom_metrics(HeadroomSnapshot(s, {}), lambda pid: (str(pid), "", ""))]
+        print(json.dumps({"conntrack": [s.conntrack_entries, s.conntrack_entries_limit],
+                          "tcp_mem": s.tcp_memory_pages_limit, "somaxconn": s.somaxconn, "names": names}))
+    """)
+    script = ("mount -t tmpfs none /proc/sys/net/netfilter && "
+              "mount --bind /dev/null /proc/sys/net/ipv4/tcp_mem && "
+              f"exec {PYTHON} -c '{code}'")
+    out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": AGENT_SRC})
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["conntrack"] == [None, None]
+    assert result["tcp_mem"] is None  # /dev/null: present but empty, i.e. unparsable
+    assert result["somaxconn"] == proc_ints("/proc/sys/net/core/somaxconn")[0]
+    assert "connwatch_system_conntrack_entries" not in result["names"]
+    assert "connwatch_system_conntrack_entries_limit" not in result["names"]
+    assert "connwatch_system_tcp_memory_pages_limit" not in result["names"]
+    assert "connwatch_system_somaxconn" in result["names"]
+
+
+def test_parsers_on_real_files():
+    sockstat = system.parse_sockstat(Path("/proc/net/sockstat").read_text())
+    assert {"inuse", "orphan", "tw", "alloc", "mem"} <= set(sockstat["TCP"])
+    netstat = system.parse_netstat(Path("/proc/net/netstat").read_text())
+    assert "ListenOverflows" in netstat["TcpExt"] and "ListenDrops" in netstat["TcpExt"]
+    assert system.parse_port_ranges("8000-8002,9000,") == {8000, 8001, 8002, 9000}
+    assert system.parse_port_ranges("\n") == set()
+
+
+def test_socket_table_read_is_fast_enough_for_a_refresher():
+    # the agent reads it every refresh: on an idle-ish host it must be cheap
+    import time
+    t0 = time.perf_counter()
+    for _ in itertools.repeat(None, 10):
+        read_system()
+    assert (time.perf_counter() - t0) / 10 < 0.5
