@@ -7,7 +7,8 @@
     python -m bench --json out.json --markdown out.md
 
 Benchmarks: churn, syscall, bpfcost, scale (4 and the memory/latency curve of
-5), churn-growth (the churn-rate half of 5). Needs root, BTF, gcc, clang.
+5), churn-growth (the churn-rate half of 5), profile (perf profiles of the
+syscall loop and of churn). Needs root, BTF, gcc, clang; perf for `profile`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 
 from . import common as C
 
-ALL = ("churn", "syscall", "bpfcost", "scale", "churn-growth")
+ALL = ("churn", "syscall", "bpfcost", "scale", "churn-growth", "profile")
 
 
 @dataclasses.dataclass
@@ -121,11 +122,14 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
     if "bpfcost" in res:
         r = res["bpfcost"]
         for who in ("agent", "empty", "alt"):
-            for prog, v in r.get(who, {}).items():
-                if who == "alt" and not prog.startswith("("):
-                    if v["runs"] < 1000:
-                        continue
+            if who not in r:
+                continue
+            for prog, v in r[who]["programs"].items():
+                if who == "alt" and not prog.startswith("(") and v["runs"] < 1000:
+                    continue
                 rows.append(("3 BPF cost", f"{who}: {prog}", f"{v['ns_per_event']:.0f} ns/event ({v['runs']:.0f} runs)", ""))
+            rows.append(("3 BPF cost", f"{who}: BPF time per loopback connection (accept+close, both ends)",
+                         f"{r[who]['bpf_ns_per_connection']:.0f} ns", ""))
     if "scale" in res:
         for lv in res["scale"]["levels"]:
             n = lv["connections"]
@@ -152,6 +156,12 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
             if lv["fastest_any_baseline"] != lv["fastest_baseline"]:
                 rows.append((f"4/5 scale {n}", f"speed-up vs {lv['fastest_any_baseline']}",
                              f"{lv['speedup_vs_fastest_any']:.0f}x", ""))
+    if "profile" in res:
+        for k, p in res["profile"].items():
+            cats = p.get("categories_pct", {})
+            if cats:
+                rows.append(("profile", f"{k}: share of CPU samples in tracing/BPF",
+                             ", ".join(f"{c} {v:.1f}%" for c, v in cats.items()), ""))
     if "churn-growth" in res:
         for rate, r in res["churn-growth"].items():
             rows.append((f"5 churn {rate}/s offered", "achieved conn/s detached / attached",
@@ -220,7 +230,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     res = {"machine": machine(), "profile": dataclasses.asdict(profile), "benchmarks": only,
            "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])}
-    from . import overhead, scale
+    from . import overhead, profile as prof, scale
 
     try:
         objs = C.build()
@@ -239,6 +249,8 @@ def main(argv=None) -> int:
                 res[b] = scale.scale(profile)
             elif b == "churn-growth":
                 res[b] = overhead.churn_growth(profile)
+            elif b == "profile":
+                res[b] = prof.profile(profile, objs)
             res.setdefault("seconds", {})[b] = time.monotonic() - t0
     except KeyboardInterrupt:
         C.log("interrupted")
@@ -255,6 +267,11 @@ def main(argv=None) -> int:
     print(f"connwatch bench ({profile.name}) {m['date']}  nproc={m['nproc']} kernel={m['kernel']} cpu={m['cpu']}"
           f"  load {' '.join(m['loadavg_start'])} -> {' '.join(m['loadavg_end'])}  {res['total_seconds']:.0f} s")
     print_table(rows)
+    if "profile" in res:
+        for k, p in res["profile"].items():
+            print(f"\nperf profile {k} (top symbols, % of the generator's CPU samples):")
+            print("\n".join(p["top"][:15]))
+            print("  by category: " + ", ".join(f"{c} {v:.1f}%" for c, v in p["categories_pct"].items()))
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(markdown(rows))

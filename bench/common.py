@@ -200,7 +200,11 @@ class Bpf:
     """A BPF object loaded and attached through the project's ctypes loader."""
 
     def __init__(self, path: Path, only: set[str] | None = None):
+        import logging
+
         from connwatch.libbpf import BpfObject, LibbpfError  # noqa: needs root at use
+
+        logging.getLogger("connwatch.libbpf").setLevel(logging.ERROR)  # libbpf's chatter
 
         self.obj = BpfObject(str(path))
         self.skipped: dict[str, str] = {}

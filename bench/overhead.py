@@ -124,21 +124,22 @@ def churn_growth(profile) -> dict:
 
 # ---- 2: syscall-heavy loops ---------------------------------------------------------------
 
-SYSCALL_CONDITIONS = {
+SYSCALL_CONDITIONS = {  # the order of a forward round; "agent" last (see syscall())
     "none": "no BPF program attached (baseline)",
-    "agent": "(a) connwatch agent running (all its probes, incl. tp_btf/sys_exit)",
     "cw_sys_exit": "(a') connwatch's cw_sys_exit program alone",
     "empty": "(b) empty tp_btf/sys_exit program",
     "alt": "(c) per-syscall tracepoints syscalls:sys_exit_{accept4,socket,openat,...} (alternative design)",
+    "agent": "(a) connwatch agent running (all its probes, incl. tp_btf/sys_exit)",
 }
 
 
 class _Attach:
-    def __init__(self, cond: str, objs):
+    """Attach one condition; an agent is kept if the next condition is the agent again."""
+
+    def __init__(self, cond: str, objs, agent: C.Agent | None):
         self.agent = self.bpf = None
         if cond == "agent":
-            self.agent = C.Agent(tag="syscall")
-            self.startup = self.agent.startup_seconds
+            self.agent = agent or C.Agent(tag="syscall")
         elif cond == "cw_sys_exit":
             self.bpf = C.Bpf(C.AGENT_OBJ, only={"cw_sys_exit"})
         elif cond == "empty":
@@ -150,11 +151,13 @@ class _Attach:
     def pids(self):
         return [self.agent.pid] if self.agent else []
 
-    def close(self):
-        if self.agent:
-            self.agent.stop()
+    def close(self, keep_agent: bool = False) -> C.Agent | None:
         if self.bpf:
             self.bpf.close()
+        if self.agent and not keep_agent:
+            self.agent.stop()
+            return None
+        return self.agent
 
 
 def _alt_programs(objs) -> list[str]:
@@ -172,13 +175,18 @@ def syscall(profile, objs) -> dict:
     noise = {c: [] for c in conds}  # busy CPU not used by the loops, in cores
     foreign = defaultdict(int)
     skipped = {}
+    agent = None
     with C.tracefs():
         for r in range(profile.syscall_rounds):
-            k = r % len(conds)
-            for cond in conds[k:] + conds[:k]:
+            # ABBA: forward, then reversed; the agent ends one round and starts
+            # the next, so one agent start serves two rounds
+            order = conds if r % 2 == 0 else conds[::-1]
+            for i, cond in enumerate(order):
                 if cond == "none":
                     _quiet(profile)
-                a = _Attach(cond, objs)
+                a = _Attach(cond, objs, agent)
+                agent = None
+                keep = cond == "agent" and i == len(order) - 1 and r + 1 < profile.syscall_rounds
                 try:
                     if a.bpf and a.bpf.skipped:
                         skipped.update(a.bpf.skipped)
@@ -189,7 +197,7 @@ def syscall(profile, objs) -> dict:
                         wall[cond][m].append(res["ns_per_iter"])
                         noise[cond].append((res["cpu_busy_s"] - res["cpu_procs_s"]) / res["seconds"])
                 finally:
-                    a.close()
+                    agent = a.close(keep_agent=keep)
             C.log(f"syscall round {r + 1}/{profile.syscall_rounds}: " + ", ".join(
                 f"{c} {ns[c]['getppid'][-1]:.0f}/{ns[c]['pipe'][-1]:.0f}ns" for c in conds))
     out = {"conditions": SYSCALL_CONDITIONS, "foreign_links_max": dict(foreign),
@@ -224,11 +232,25 @@ def _agent_prog_stats(agent: C.Agent) -> dict[str, tuple[int, int]]:
     return {p: (int(round(t[p] * 1e9)), int(n.get(p, 0))) for p in t}
 
 
-def _workload(profile) -> dict:
+def _measure(profile, read_stats, settle=lambda: None) -> dict:
+    """Churn, then a getppid loop; program stats read before, between, after."""
+    s0 = read_stats()
     ch = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup / 2,
                    profile.churn_seconds, 0, "127.0.0.10")
+    settle()
+    s1 = read_stats()
     sl = C.loadgen("sysloop", "getppid", NCPU, 0.1, profile.syscall_seconds)
-    return {"conns": ch["conns"], "syscalls": sl["iters"]}
+    settle()
+    s2 = read_stats()
+    total, churn_d = _stats_delta(s0, s2), _stats_delta(s0, s1)
+    rows = {p: {"runs": n, "ns_per_event": t / n if n else float("nan"), "total_s": t / 1e9}
+            for p, (t, n) in sorted(total.items()) if n}
+    # conns counts only the measured window, the stats include the warm-up: use the
+    # generator's own connection count over its whole run, estimated from its rate
+    conns = ch["rate"] * (ch["seconds"] + profile.warmup / 2)
+    return {"programs": rows,
+            "bpf_ns_per_connection": sum(t for t, _ in churn_d.values()) / max(conns, 1),
+            "workload": {"conns_measured": ch["conns"], "getppid_calls": sl["iters"]}}
 
 
 def bpfcost(profile, objs) -> dict:
@@ -240,32 +262,25 @@ def bpfcost(profile, objs) -> dict:
         agent = C.Agent(tag="bpfcost")
         try:
             time.sleep(agent_refresh_wait())
-            before = _agent_prog_stats(agent)
-            out["agent_workload"] = _workload(profile)
-            time.sleep(agent_refresh_wait())
-            d = _stats_delta(before, _agent_prog_stats(agent))
+            out["agent"] = _measure(profile, lambda: _agent_prog_stats(agent),
+                                    lambda: time.sleep(agent_refresh_wait()))
+            out["agent_probes"] = agent.probes
         finally:
             agent.stop()
-        out["agent"] = {p: {"runs": n, "ns_per_event": t / n if n else float("nan"), "total_s": t / 1e9}
-                        for p, (t, n) in sorted(d.items())}
         # the alternatives, same workload, loaded by the bench itself
         with C.tracefs():
             for tag, path, only in (("empty", objs["empty"], None),
                                     ("alt", objs["alt"], set(_alt_programs(objs)))):
                 b = C.Bpf(path, only=only)
                 try:
-                    before = b.run_stats()
-                    _workload(profile)
-                    d = _stats_delta(before, b.run_stats())
+                    out[tag] = _measure(profile, b.run_stats)
                 finally:
                     b.close()
-                rows = {p: {"runs": n, "ns_per_event": t / n if n else float("nan"), "total_s": t / 1e9}
-                        for p, (t, n) in sorted(d.items()) if n}
                 if tag == "alt":
+                    rows = out[tag]["programs"]
                     tot_t = sum(r["total_s"] for r in rows.values())
                     tot_n = sum(r["runs"] for r in rows.values())
                     rows["(all alt_* programs)"] = {"runs": tot_n, "total_s": tot_t,
                                                     "ns_per_event": tot_t * 1e9 / tot_n if tot_n else float("nan")}
-                out[tag] = rows
     out["bpf_stats_enabled_after"] = C.sysctl_get("kernel.bpf_stats_enabled")
     return out

@@ -75,11 +75,15 @@ def test_bench_smoke(tmp_path):
     assert s["pipe"]["none"]["ns_per_iter"]["median"] > s["getppid"]["none"]["ns_per_iter"]["median"]
 
     b = r["bpfcost"]
-    assert b["agent"]["sys_exit"]["runs"] > 1000
-    assert _finite_positive(b["agent"]["sys_exit"]["ns_per_event"])
-    assert b["agent"]["inet_sock_set_state"]["runs"] > 0
-    assert b["empty"]["bench_empty_exit"]["runs"] > 1000
-    assert "alt_accept4" in b["alt"] and b["alt"]["alt_accept4"]["runs"] > 0
+    agent, empty, alt = b["agent"]["programs"], b["empty"]["programs"], b["alt"]["programs"]
+    assert agent["sys_exit"]["runs"] > 1000  # from the agent's connwatch_bpf_program_* metrics
+    assert _finite_positive(agent["sys_exit"]["ns_per_event"])
+    assert agent["inet_sock_set_state"]["runs"] > 0
+    assert empty["bench_empty_exit"]["runs"] > 1000
+    assert "alt_accept4" in alt and alt["alt_accept4"]["runs"] > 0
+    for who in ("agent", "empty", "alt"):
+        assert _finite_positive(b[who]["bpf_ns_per_connection"]), who
+    assert b["bpf_stats_enabled_after"] == b["bpf_stats_enabled_before"]
 
     lv = r["scale"]["levels"][0]
     assert lv["counts_agree"] and sum(lv["per_process"].values()) == lv["connections"]
