@@ -11,6 +11,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import textwrap
 import time
@@ -156,12 +157,20 @@ def in_service_cgroup(pid: int) -> Iterator[str | None]:
         Path(f"{path}/cgroup.procs").write_text(str(pid))
         yield unit
     finally:
-        for _ in range(100):  # the killed child leaves the cgroup when reaped
+        # a cgroup with a live process cannot be removed: end it here (its
+        # owner reaps it), then the cgroup empties within moments
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for _ in range(100):
             try:
                 os.rmdir(path)
                 break
             except OSError:
                 time.sleep(0.05)
+        else:
+            pytest.fail(f"could not remove the test cgroup {path}")
 
 
 @needs_root
