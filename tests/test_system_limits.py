@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 import textwrap
 import uuid
 from contextlib import contextmanager
