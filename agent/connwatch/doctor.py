@@ -353,8 +353,13 @@ def _socket_owners(inodes: set[int], d: Diagnosis) -> dict[int, list[int]]:
         for name in names:
             try:
                 target = os.readlink(f"{fd_dir}/{name}")
+            except PermissionError:
+                # listing needs DAC rights, reading the links ptrace rights:
+                # CAP_DAC_READ_SEARCH alone lists but cannot read
+                denied += 1
+                break
             except OSError:
-                continue
+                continue  # closed meanwhile
             if target.startswith("socket:["):
                 inode = int(target[8:-1])
                 if inode in inodes and pid not in owners.setdefault(inode, []):
