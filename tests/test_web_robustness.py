@@ -11,59 +11,29 @@ from __future__ import annotations
 import os
 import select
 import socket
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import wait_for
 from connwatch import web
 
-ROOT = Path(__file__).resolve().parent.parent
-CONNWATCH = str(ROOT / ".venv" / "bin" / "connwatch")
 FUZZ_EXAMPLES = int(os.environ.get("CONNWATCH_FUZZ_EXAMPLES", "500"))
 OK_STATUSES = {200, 400, 401, 404, 405, 414, 431, 501, 503, 505}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Endpoint:
+    """The session's agent (conftest), seen as a bare HTTP endpoint."""
 
-
-def _wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout}s waiting for {what}")
-
-
-class Agent:
-    def __init__(self, tmp: Path):
-        self.port = _free_port()
-        cfg = tmp / "c.yml"
-        cfg.write_text("refresh_interval_seconds: 0.2\n")
-        self.log = open(tmp / "agent.log", "wb")
-        self.log_path = tmp / "agent.log"
-        self.proc = subprocess.Popen([CONNWATCH, "run", f"--web.listen-address=127.0.0.1:{self.port}",
-                                      f"--config.file={cfg}"], stdout=self.log, stderr=subprocess.STDOUT)
-        _wait_for(self.ready, 60, "agent ready")
-
-    def ready(self) -> bool:
-        assert self.proc.poll() is None, self.log_path.read_text()
-        try:
-            return b"\nconnwatch_ready 1" in self.get("/metrics")[1]
-        except OSError:
-            return False
+    def __init__(self, agent):
+        self.port, self.proc, self.log_path = agent.port, agent.proc, agent.log_path
+        self.log_offset = self.log_path.stat().st_size
 
     def get(self, path: str = "/metrics", timeout: float = 5.0) -> tuple[int, bytes]:
         try:
@@ -77,20 +47,15 @@ class Agent:
         status, body = self.get()
         assert status == 200 and b"connwatch_build_info" in body
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
+    def new_log(self) -> str:
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_offset)
+            return f.read().decode(errors="replace")
 
 
 @pytest.fixture(scope="module")
-def agent(tmp_path_factory):
-    a = Agent(tmp_path_factory.mktemp("web"))
-    yield a
-    a.stop()
+def ep(agent):
+    return Endpoint(agent)
 
 
 def raw(port: int, payload: bytes, timeout: float = 5.0, half_close: bool = True) -> bytes:
@@ -136,52 +101,52 @@ def status_of(response: bytes) -> int | None:
     (b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n", {404}),
     (b"GET /metrics?x=1 HTTP/1.0\r\n\r\n", {200}),
 ], ids=lambda v: repr(v)[:40] if isinstance(v, bytes) else None)
-def test_malformed_requests(agent, payload, expected):
-    assert status_of(raw(agent.port, payload)) in expected
-    agent.alive_and_serving()
+def test_malformed_requests(ep, payload, expected):
+    assert status_of(raw(ep.port, payload)) in expected
+    ep.alive_and_serving()
 
 
-def test_oversized_request_line_gets_414(agent):
-    resp = raw(agent.port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
+def test_oversized_request_line_gets_414(ep):
+    resp = raw(ep.port, b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n")
     assert status_of(resp) == 414
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
-def test_oversized_header_line_gets_431(agent):
-    resp = raw(agent.port, b"GET /metrics HTTP/1.1\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
+def test_oversized_header_line_gets_431(ep):
+    resp = raw(ep.port, b"GET /metrics HTTP/1.1\r\nX-Big: " + b"b" * 70_000 + b"\r\n\r\n")
     assert status_of(resp) == 431
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
-def test_too_many_headers_gets_431(agent):
-    resp = raw(agent.port, b"GET /metrics HTTP/1.1\r\n" + b"X-H: v\r\n" * 101 + b"\r\n")
+def test_too_many_headers_gets_431(ep):
+    resp = raw(ep.port, b"GET /metrics HTTP/1.1\r\n" + b"X-H: v\r\n" * 101 + b"\r\n")
     assert status_of(resp) == 431
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
-def test_oversized_header_block_gets_431(agent):
+def test_oversized_header_block_gets_431(ep):
     """90 header lines of 2 KiB each: every line is legal, the 180 KiB head is not."""
-    resp = raw(agent.port, b"GET /metrics HTTP/1.1\r\n" + (b"X-H: " + b"v" * 2048 + b"\r\n") * 90 + b"\r\n")
+    resp = raw(ep.port, b"GET /metrics HTTP/1.1\r\n" + (b"X-H: " + b"v" * 2048 + b"\r\n") * 90 + b"\r\n")
     assert status_of(resp) == 431
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
-def test_methods(agent):
-    head = raw(agent.port, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+def test_methods(ep):
+    head = raw(ep.port, b"HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
     assert status_of(head) == 200
     headers, _, body = head.partition(b"\r\n\r\n")
     assert body == b"" and b"Content-Length: " in headers
     for method in web.OTHER_METHODS:
-        resp = raw(agent.port, f"{method} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".encode())
+        resp = raw(ep.port, f"{method} /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".encode())
         assert status_of(resp) == 405, method
         assert b"Allow: GET, HEAD" in resp
         assert b"connwatch_" not in resp
-    assert status_of(raw(agent.port, b"FROB /metrics HTTP/1.1\r\n\r\n")) == 501
-    agent.alive_and_serving()
+    assert status_of(raw(ep.port, b"FROB /metrics HTTP/1.1\r\n\r\n")) == 501
+    ep.alive_and_serving()
 
 
-def test_keep_alive_serves_several_requests(agent):
-    with socket.create_connection(("127.0.0.1", agent.port), timeout=5) as s:
+def test_keep_alive_serves_several_requests(ep):
+    with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := s.recv(65536):
@@ -213,42 +178,42 @@ def _trickle(port: int, stop: threading.Event, result: dict, interval: float = 1
     result["closed_after"] = time.monotonic() - t0
 
 
-def test_slowloris_does_not_block_scrapes(agent):
+def test_slowloris_does_not_block_scrapes(ep):
     stop, result = threading.Event(), {}
-    slow = [threading.Thread(target=_trickle, args=(agent.port, stop, result), daemon=True) for _ in range(5)]
+    slow = [threading.Thread(target=_trickle, args=(ep.port, stop, result), daemon=True) for _ in range(5)]
     for t in slow:
         t.start()
     try:
         time.sleep(0.3)  # let the slow clients connect and send their first bytes
         for _ in range(5):
             t0 = time.monotonic()
-            status, _ = agent.get(timeout=2)
+            status, _ = ep.get(timeout=2)
             assert status == 200
             assert time.monotonic() - t0 < 1.0, "a scrape waited behind a slow client"
     finally:
         stop.set()
 
 
-def test_slowloris_is_cut_off_at_the_request_deadline(agent):
+def test_slowloris_is_cut_off_at_the_request_deadline(ep):
     """A byte a second never completes a request: the server hangs up at its deadline."""
     stop, result = threading.Event(), {}
-    t = threading.Thread(target=_trickle, args=(agent.port, stop, result, 0.5), daemon=True)
+    t = threading.Thread(target=_trickle, args=(ep.port, stop, result, 0.5), daemon=True)
     t.start()
     t.join(web.REQUEST_TIMEOUT_SECONDS + 5)
     stop.set()
     assert "closed_after" in result, "the slow client was never cut off"
     assert web.REQUEST_TIMEOUT_SECONDS - 1 <= result["closed_after"] <= web.REQUEST_TIMEOUT_SECONDS + 2
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
-def test_connection_cap_sheds_with_503_then_evicts_idle(agent):
+def test_connection_cap_sheds_with_503_then_evicts_idle(ep):
     idle = []
     try:
         for _ in range(web.MAX_CONNECTIONS):
-            idle.append(socket.create_connection(("127.0.0.1", agent.port), timeout=5))
+            idle.append(socket.create_connection(("127.0.0.1", ep.port), timeout=5))
         # every slot is held by a connection younger than EVICT_AFTER_SECONDS: shed cleanly
         t0 = time.monotonic()
-        resp = raw(agent.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = raw(ep.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         if time.monotonic() - t0 < web.EVICT_AFTER_SECONDS:
             print(f"over the cap: {resp.splitlines()[0]!r}")
             assert status_of(resp) == 503
@@ -256,7 +221,7 @@ def test_connection_cap_sheds_with_503_then_evicts_idle(agent):
         # once they have idled past EVICT_AFTER_SECONDS, a scrape evicts the oldest one
         time.sleep(web.EVICT_AFTER_SECONDS + 0.1)
         for _ in range(3):
-            status, body = agent.get(timeout=3)
+            status, body = ep.get(timeout=3)
             assert status == 200 and b"connwatch_ready" in body
         # the evicted ones see end-of-file (the rest are still waiting)
         closed: set[int] = set()
@@ -270,23 +235,23 @@ def test_connection_cap_sheds_with_503_then_evicts_idle(agent):
                 except ConnectionResetError:
                     closed.add(s.fileno())
             return len(closed) >= 1
-        _wait_for(count_closed, 5, "an evicted connection")
+        wait_for(count_closed, 5, what="an evicted connection")
         evicted = len(closed)
         assert evicted >= 1  # one eviction frees a slot the next scrapes reuse
     finally:
         for s in idle:
             s.close()
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
-def test_burst_of_100_concurrent_scrapes(agent):
+def test_burst_of_100_concurrent_scrapes(ep):
     start = threading.Barrier(100)
 
     def scrape(_):
         start.wait()
         t0 = time.monotonic()
         try:
-            resp = raw(agent.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            resp = raw(ep.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
                        timeout=15, half_close=False)
         except OSError as e:
             return (repr(e), time.monotonic() - t0)
@@ -300,7 +265,7 @@ def test_burst_of_100_concurrent_scrapes(agent):
     assert max(r[1] for r in results) < 10
     print(f"burst: {statuses.count(200)} x 200, {statuses.count(503)} x 503, "
           f"slowest {max(r[1] for r in results):.2f}s")
-    agent.alive_and_serving()
+    ep.alive_and_serving()
 
 
 # ---- fuzzing -----------------------------------------------------------------
@@ -330,15 +295,15 @@ def requests_(draw):
 
 @settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.one_of(requests_(), st.binary(max_size=2000)))
-def test_fuzz_requests(agent, payload):
-    status = status_of(raw(agent.port, payload))
+def test_fuzz_requests(ep, payload):
+    status = status_of(raw(ep.port, payload))
     assert status in OK_STATUSES | {None}
     if status == 200:
         pass  # a valid request found by chance
-    assert agent.proc.poll() is None
+    assert ep.proc.poll() is None
 
 
-def test_still_serving_after_the_fuzz(agent):
-    agent.alive_and_serving()
-    log = agent.log_path.read_text()
+def test_still_serving_after_the_fuzz(ep):
+    ep.alive_and_serving()
+    log = ep.new_log()
     assert "Traceback" not in log, log[-3000:]
