@@ -119,6 +119,9 @@ def _verdict(current: int | str | None, needed: int) -> str:
 def _sysctl_check(d: Diagnosis, key: str, current: int | None, needed: int, description: str,
                   note: str = "", fix_value: str | None = None) -> None:
     verdict = _verdict(current, needed)
+    if current is None:
+        note = ("could not read it here (tcp_mem and tcp_max_orphans exist only in the host's network "
+                "namespace)" if key.startswith("net.") else "could not read it")
     d.checks.append(Check(id=key, scope="host", description=description, current=current, needed=needed,
                           verdict=verdict, source="/proc/sys/" + key.replace(".", "/"),
                           fix="sysctl" if verdict == SHORT else None, note=note))
@@ -144,11 +147,13 @@ def _host_checks(d: Diagnosis, s: SystemLimits) -> None:
     _sysctl_check(d, "net.ipv4.tcp_max_syn_backlog", s.tcp_max_syn_backlog, d.backlog_needed,
                   "half-open connections per listener before SYN cookies/drops")
 
+    per_destination = min(n, HIGHEST_PORT - LOWEST_EPHEMERAL_PORT + 1)
     if s.ephemeral_port_range is None or s.ephemeral_ports is None:
-        _sysctl_check(d, "net.ipv4.ip_local_port_range", None, 0, "local ports for outbound connections")
+        _sysctl_check(d, "net.ipv4.ip_local_port_range", None, per_destination,
+                      "local ports per destination for outbound connections")
     else:
-        per_destination = min(n, HIGHEST_PORT - LOWEST_EPHEMERAL_PORT + 1)
-        lo = max(LOWEST_EPHEMERAL_PORT, HIGHEST_PORT - per_destination + 1)
+        # widen, never narrow: keep the current low end if it is low enough
+        lo = max(LOWEST_EPHEMERAL_PORT, min(s.ephemeral_port_range[0], HIGHEST_PORT - per_destination + 1))
         note = "matters for outbound connections (proxies, clients): each destination ip:port gets at most this many"
         if n > per_destination:
             note += f"; {n} connections to one destination need more destination or source addresses"
@@ -365,8 +370,9 @@ def _socket_owners(inodes: set[int], d: Diagnosis) -> dict[int, list[int]]:
                 if inode in inodes and pid not in owners.setdefault(inode, []):
                     owners[inode].append(pid)
     if denied:
-        d.unreadable.append(f"/proc/<pid>/fd of {denied} processes (permission denied: run as root to "
-                            "attribute their listeners)")
+        why = ("ptrace access denied even to root: another user namespace or an LSM policy" if os.geteuid() == 0
+               else "permission denied: run as root to attribute their listeners")
+        d.unreadable.append(f"/proc/<pid>/fd of {denied} processes ({why})")
     return owners
 
 
