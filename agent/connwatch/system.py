@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 PROC = "/proc"
@@ -214,6 +214,7 @@ _MSG_TAIL = struct.Struct("=IIIII")
 _MSG_TAIL_OFFSET = 52
 _MSG_LEN = 72
 _RECV_BUFFER = 1 << 16
+_DUMP_TIMEOUT_SECONDS = 5.0
 INET_DIAG_REQ_BYTECODE = 1
 INET_DIAG_BC_S_GE = 2
 INET_DIAG_BC_S_LE = 3
@@ -224,7 +225,7 @@ class SockDiagUnavailable(OSError):
     """The kernel refused the sock_diag request (no inet_diag, seccomp, ...)."""
 
 
-def _states_mask(states: Iterator[int] | frozenset[int] | set[int]) -> int:
+def _states_mask(states: Iterable[int]) -> int:
     mask = 0
     for s in states:
         mask |= 1 << s
@@ -256,6 +257,9 @@ def _sock_diag_raw(family: int, states_mask: int, sport_range: tuple[int, int] |
     except OSError as e:
         raise SockDiagUnavailable(e.errno, f"sock_diag socket: {e.strerror}") from None
     with sock:
+        # the kernel always ends a dump with NLMSG_DONE; a timeout only
+        # guards the refresher against the unforeseen (it falls back to /proc)
+        sock.settimeout(_DUMP_TIMEOUT_SECONDS)
         body = _REQ_V2.pack(family, socket.IPPROTO_TCP, 0, states_mask)
         if sport_range is not None:
             bytecode = _sport_range_bytecode(*sport_range)
