@@ -11,19 +11,29 @@ call :func:`sync` (the metrics server's loop and request threads do, see
 web.py). :func:`threads_not_dropped` lists the stragglers.
 
 The keep-set after attach, :data:`AFTER_ATTACH`, was chosen by measurement on
-kernel 6.18 (docs/security.md, "Capabilities"):
+kernel 6.18 (docs/reliability.md, "Capabilities after attach";
+tests/test_capabilities.py repeats the measurement):
 
-* ``CAP_SYS_PTRACE`` -- readlink(/proc/<pid>/fd/N) and /proc/<pid>/fdinfo of
-  processes of *other* users pass ptrace_may_access(PTRACE_MODE_READ); without
-  it the agent cannot see their sockets.
-* ``CAP_DAC_READ_SEARCH`` -- listing /proc/<pid>/fd (mode 0500, owned by the
-  process's user) of other users' processes.
+* ``CAP_DAC_READ_SEARCH`` -- counting another user's open fds by listing
+  /proc/<pid>/fd (mode 0500, owned by that user), which fds.py falls back to
+  on kernels before 6.2 where stat(/proc/<pid>/fd).st_size is 0.
 
-Everything else the agent does after attach needs no capability on this
-kernel: BPF map lookups/updates/deletes and BPF_OBJ_GET_INFO_BY_FD on fds it
-already holds, BPF_ITER_CREATE on an iterator link it already holds (and
-read(2) of the iterator), /proc/<pid>/{stat,cgroup,comm,limits}, sock_diag
-in its own network namespace, closing (detaching) links at exit.
+Everything else the agent does after attach needs no capability on 6.18:
+stat(/proc/<pid>/fd) (the fd count), /proc/<pid>/{stat,cgroup,comm,limits},
+BPF map lookups/updates/deletes and BPF_OBJ_GET_INFO_BY_FD on fds it already
+holds, BPF_ITER_CREATE on an iterator link it already holds and read(2) of
+the iterator, sock_diag in its own network namespace, closing (detaching)
+links at exit. ``CAP_SYS_PTRACE`` is *not* kept: only readlink of
+/proc/<pid>/fd/N and /proc/<pid>/fdinfo of other users' (or of root's)
+processes need it, the agent reads neither (`connwatch doctor` does, and runs
+as its own process), and it would let the agent read any process's memory.
+Entering another network namespace (setns) needs ``CAP_SYS_ADMIN``: do that
+before the drop, or read other namespaces with BPF iterators.
+
+Without ``CAP_SETPCAP`` (a non-root service that was given only the
+capabilities it needs, like the systemd unit) the bounding set cannot be
+changed; it is left as the service manager set it, and no_new_privs keeps
+anything in it from being regained through execve.
 """
 
 from __future__ import annotations
@@ -49,7 +59,7 @@ NUMBERS = {name: i for i, name in enumerate(NAMES)}
 # What the agent needs to load and attach its BPF programs (before the drop).
 FOR_ATTACH = frozenset({"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN"})
 # What it keeps once attached; see the module docstring for why each one.
-AFTER_ATTACH = frozenset({"CAP_SYS_PTRACE", "CAP_DAC_READ_SEARCH"})
+AFTER_ATTACH = frozenset({"CAP_DAC_READ_SEARCH"})
 
 SETS = ("effective", "permitted", "inheritable", "bounding", "ambient")
 
@@ -156,11 +166,14 @@ def _drop_this_thread(keep_nums: set[int]) -> None:
         err = ctypes.get_errno()
         if err != errno.EINVAL:  # EINVAL: kernel without ambient capabilities
             raise OSError(err, f"prctl(PR_CAP_AMBIENT_CLEAR_ALL): {os.strerror(err)}")
-    # 2. bounding set: needs CAP_SETPCAP in the effective set, so before capset
-    for n in range(last_cap() + 1):
-        if n in keep_nums or _prctl(PR_CAPBSET_READ, n, 0, 0, 0) != 1:
-            continue
-        _errcheck(_prctl(PR_CAPBSET_DROP, n, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {_name(n)})")
+    # 2. bounding set: needs CAP_SETPCAP in the effective set, so before capset;
+    #    without it the bounding set stays as the service manager made it
+    effective = (d[0].effective | d[1].effective << 32)
+    if effective >> NUMBERS["CAP_SETPCAP"] & 1:
+        for n in range(last_cap() + 1):
+            if n in keep_nums or _prctl(PR_CAPBSET_READ, n, 0, 0, 0) != 1:
+                continue
+            _errcheck(_prctl(PR_CAPBSET_DROP, n, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {_name(n)})")
     # 3. effective = permitted = keep, inheritable = none
     new = (_Data * 2)()
     for i in range(2):
@@ -177,8 +190,9 @@ def drop_all_but(keep) -> dict[str, set[str]]:
     """Drop every capability but `keep` from all five sets of the calling thread.
 
     Effective and permitted become ``keep`` (those of them the thread has),
-    inheritable and ambient become empty, the bounding set becomes ``keep``,
-    and no_new_privs is set. Other existing threads follow when they call
+    inheritable and ambient become empty, the bounding set becomes ``keep``
+    (if the thread has CAP_SETPCAP; else it is left alone), and no_new_privs
+    is set. Other existing threads follow when they call
     :func:`sync`. Returns the new sets. Raises OSError if the kernel refuses.
     """
     global _target

@@ -67,7 +67,7 @@ def _fail(message: str) -> int:
 
 
 GRANT_HINT = ("run it as root, or grant them: systemd AmbientCapabilities=CAP_BPF CAP_PERFMON "
-              "CAP_SYS_PTRACE CAP_DAC_READ_SEARCH, docker run --cap-add BPF --cap-add PERFMON, "
+              "CAP_DAC_READ_SEARCH, docker run --cap-add BPF --cap-add PERFMON, "
               "Kubernetes securityContext.capabilities.add [BPF, PERFMON]")
 
 
