@@ -30,9 +30,9 @@ def build(p: Params = DEFAULT):
          f"sum({open_fds})", "short", None),
         ("Fd soft limit", "The process's soft RLIMIT_NOFILE: EMFILE beyond this many fds.",
          f"max({max_fds})", "short", None),
-        ("Fd usage", f"Open fds / soft limit; alerts at {p.fd_usage_warning:.0%} and {p.fd_usage_critical:.0%}.",
+        ("Fd usage now", f"Open fds / soft limit; alerts at {p.fd_usage_warning:.0%} and {p.fd_usage_critical:.0%}.",
          f"max({fd_usage})", "percentunit", usage),
-        ("Fd allocation failures", "EMFILE/ENFILE failures of this process since the agent started.",
+        ("Fd allocation failures (total)", "EMFILE/ENFILE failures of this process since the agent started.",
          f"sum({sel(m.FD_ALLOC_FAILURES, *proc)})", "short", [(None, "green"), (1, "red")]),
     ]:
         lay.add(stat(title, desc, [target(expr, title)], unit, thresholds=thr), w=4, h=5)

@@ -211,3 +211,9 @@ def test_metric_name_extraction():
     assert r("label_values(connwatch_connections{instance=~\"$instance\"}, comm)") == {"connwatch_connections"}
     assert r("histogram_quantile(0.99, sum by (le) (rate(h_bucket[5m]))) > 1e-3") == {"h_bucket"}
     assert r("x unless x offset 5m or time() - y") == {"x", "y"}
+
+
+@pytest.mark.parametrize("path", JSON_FILES, ids=lambda p: p.stem)
+def test_panel_titles_are_unique(path):
+    titles = [p["title"] for p in panels(load(path))]
+    assert len(titles) == len(set(titles))
