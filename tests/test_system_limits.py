@@ -72,22 +72,33 @@ def settled(read_proc, read_ours, attempts: int = 50):
 
 # ---- limits: equal to /proc/sys -------------------------------------------------
 
+SYSCTL_FIELDS = {
+    "open_files_limit": "fs/file-max",
+    "nr_open": "fs/nr_open",
+    "tcp_time_wait_limit": "net/ipv4/tcp_max_tw_buckets",
+    "tcp_orphans_limit": "net/ipv4/tcp_max_orphans",
+    "somaxconn": "net/core/somaxconn",
+    "tcp_max_syn_backlog": "net/ipv4/tcp_max_syn_backlog",
+}
+
+
 def test_limits_equal_proc_sys():
-    s = read_system(with_socket_table=False)
-    assert s.open_files_limit == proc_ints("/proc/sys/fs/file-max")[0]
-    assert s.nr_open == proc_ints("/proc/sys/fs/nr_open")[0]
-    assert s.tcp_time_wait_limit == proc_ints("/proc/sys/net/ipv4/tcp_max_tw_buckets")[0]
-    assert s.tcp_orphans_limit == proc_ints("/proc/sys/net/ipv4/tcp_max_orphans")[0]
-    assert s.somaxconn == proc_ints("/proc/sys/net/core/somaxconn")[0]
-    assert s.tcp_max_syn_backlog == proc_ints("/proc/sys/net/ipv4/tcp_max_syn_backlog")[0]
-    low, high = proc_ints("/proc/sys/net/ipv4/ip_local_port_range")
-    assert s.ephemeral_port_range == (low, high)
-    assert s.tcp_memory_pages_limit is not None
-    assert [s.tcp_memory_pages_limit.min, s.tcp_memory_pages_limit.pressure,
-            s.tcp_memory_pages_limit.max] == proc_ints("/proc/sys/net/ipv4/tcp_mem")
+    for field, path in SYSCTL_FIELDS.items():
+        proc, ours = settled(lambda: proc_ints(f"/proc/sys/{path}")[0],
+                             lambda: getattr(read_system(with_socket_table=False), field))
+        assert ours == proc, field
+    proc, ours = settled(lambda: tuple(proc_ints("/proc/sys/net/ipv4/ip_local_port_range")),
+                         lambda: read_system(with_socket_table=False).ephemeral_port_range)
+    assert ours == proc
+    proc, ours = settled(lambda: proc_ints("/proc/sys/net/ipv4/tcp_mem"),
+                         lambda: read_system(with_socket_table=False).tcp_memory_pages_limit)
+    assert ours is not None and [ours.min, ours.pressure, ours.max] == proc
     if os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max"):
-        assert s.conntrack_entries_limit == proc_ints("/proc/sys/net/netfilter/nf_conntrack_max")[0]
+        proc, ours = settled(lambda: proc_ints("/proc/sys/net/netfilter/nf_conntrack_max")[0],
+                             lambda: read_system(with_socket_table=False).conntrack_entries_limit)
+        assert ours == proc
     else:
+        s = read_system(with_socket_table=False)
         assert s.conntrack_entries_limit is None and s.conntrack_entries is None
 
 

@@ -381,7 +381,7 @@ def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag") -
         # listeners outside the range do not matter: their accepted sockets'
         # local ports are outside it too
         rows, source = _raw_sockets(_states_mask(PORT_HOLDING_STATES | {TCP_LISTEN}), prefer, port_range)
-    except OSError:
+    except (OSError, ValueError, struct.error):  # unreadable or unparsable: no numbers, no crash
         return None
     listening = {r[2] for r in rows if r[1] == TCP_LISTEN}
     used: set[int] = set()
