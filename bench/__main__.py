@@ -45,17 +45,20 @@ class Profile:
     scrapes: int = 50
     idle_window: float = 3.0
     baseline_reps: int = 5
-    quiet_wait: float = 30.0     # wait this long for other people's syscall probes to go
+    pyspy_seconds: float = 10.0  # py-spy the agent while scraping at the largest level
+    quiet_wait: float = 10.0     # wait this long for other people's syscall probes to go
 
 
 PROFILES = {
     "full": Profile("full"),
     "quick": Profile("quick", rounds=2, warmup=0.3, churn_seconds=1.0, syscall_rounds=1,
                      syscall_seconds=0.4, churn_rates=(1000,), growth_rounds=1, levels=(1000, 5000),
-                     holder_procs=2, scrapes=10, idle_window=1.0, baseline_reps=2, quiet_wait=0),
+                     holder_procs=2, scrapes=10, idle_window=1.0, baseline_reps=2, quiet_wait=0,
+                     pyspy_seconds=0),
     "smoke": Profile("smoke", rounds=1, warmup=0.2, churn_seconds=0.5, syscall_rounds=1,
                      syscall_seconds=0.2, churn_rates=(1000,), growth_rounds=1, levels=(500,),
-                     holder_procs=2, scrapes=5, idle_window=0.5, baseline_reps=1, quiet_wait=0),
+                     holder_procs=2, scrapes=5, idle_window=0.5, baseline_reps=1, quiet_wait=0,
+                     pyspy_seconds=0),
 }
 SMOKE_ONLY = ("churn", "syscall", "bpfcost", "scale")
 
@@ -167,9 +170,9 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
             rows.append((f"5 churn {rate}/s offered", "achieved conn/s detached / attached",
                          f"{r['rate_off']['median']:.0f} / {r['rate_on']['median']:.0f}", ""))
             rows.append((f"5 churn {rate}/s offered", "throughput ratio attached/detached", _ratio(r["ratio"]), ""))
-            rows.append((f"5 churn {rate}/s offered", "system CPU us/conn detached / attached (ratio)",
-                         f"{r['cpu_us_per_conn_off']['median']:.1f} / {r['cpu_us_per_conn_on']['median']:.1f} "
-                         f"({r['cpu_ratio']['median']:.3f})", ""))
+            rows.append((f"5 churn {rate}/s offered", "generator CPU us/conn detached / attached (ratio)",
+                         f"{r['gen_cpu_us_per_conn_off']['median']:.1f} / {r['gen_cpu_us_per_conn_on']['median']:.1f} "
+                         f"({_ratio(r['gen_cpu_ratio'])})", ""))
     return rows
 
 
@@ -267,6 +270,13 @@ def main(argv=None) -> int:
     print(f"connwatch bench ({profile.name}) {m['date']}  nproc={m['nproc']} kernel={m['kernel']} cpu={m['cpu']}"
           f"  load {' '.join(m['loadavg_start'])} -> {' '.join(m['loadavg_end'])}  {res['total_seconds']:.0f} s")
     print_table(rows)
+    for lv in res.get("scale", {}).get("levels", []):
+        spy = lv.get("pyspy_scrapes")
+        if spy and "inclusive_pct" in spy:
+            print(f"\npy-spy of the agent during {spy['scrapes']} scrapes at {lv['connections']} connections "
+                  f"({spy['samples']} samples, all threads): inclusive / self %")
+            for (k, v), (k2, v2) in zip(spy["inclusive_pct"][:15], spy["self_pct"][:15]):
+                print(f"  {v:5.1f}% {k:<60} {v2:5.1f}% {k2}")
     if "profile" in res:
         for k, p in res["profile"].items():
             print(f"\nperf profile {k} (top symbols, % of the generator's CPU samples):")

@@ -80,21 +80,31 @@ def agent_refresh_wait() -> float:
     return 2.2  # default refresh_interval_seconds (2 s) plus a margin
 
 
-def churn(profile, rate: float = 0, rounds: int | None = None) -> dict:
-    rounds = rounds or profile.rounds
-    rows = []
+def _paired(profile, rates: list[float], rounds: int) -> dict[float, list[dict]]:
+    """Rounds of (detached, attached) pairs for each offered rate. The order
+    within a pair alternates globally (off,on | on,off | off,on ...), which
+    cancels drift and lets one agent serve two adjacent attached phases."""
+    rows: dict[float, list[dict]] = {r: [] for r in rates}
     span = _AgentSpan()
+    k = 0
     try:
         for r in range(rounds):
-            order = (False, True) if r % 2 == 0 else (True, False)
-            pair = {}
-            for attached in order:
-                pair[attached] = churn_phase(profile, span, attached, rate)
-            rows.append(pair)
-            C.log(f"churn rate={rate or 'max'} round {r + 1}/{rounds}: off {pair[False]['rate']:.0f}/s "
-                  f"on {pair[True]['rate']:.0f}/s ratio {pair[True]['rate'] / pair[False]['rate']:.3f}")
+            for rate in rates:
+                order = (False, True) if k % 2 == 0 else (True, False)
+                k += 1
+                pair = {}
+                for attached in order:
+                    pair[attached] = churn_phase(profile, span, attached, rate)
+                rows[rate].append(pair)
+                C.log(f"churn rate={rate or 'max'} round {r + 1}/{rounds}: off {pair[False]['rate']:.0f}/s "
+                      f"on {pair[True]['rate']:.0f}/s ratio {pair[True]['rate'] / pair[False]['rate']:.3f}")
     finally:
         span.detach()
+    rows["span"] = span
+    return rows
+
+
+def _churn_summary(rows: list[dict], rate: float, span) -> dict:
     ratios = [p[True]["rate"] / p[False]["rate"] for p in rows]
     cpu_ratios = [p[True]["cpu_us_per_conn"] / p[False]["cpu_us_per_conn"] for p in rows]
     return {
@@ -112,14 +122,19 @@ def churn(profile, rate: float = 0, rounds: int | None = None) -> dict:
         "agent_startup_seconds": span.startups,
         "failed_connects": sum(p[a]["failed"] for p in rows for a in (False, True)),
         "foreign_links_max": max(p[a]["foreign_links"] for p in rows for a in (False, True)),
+        "other_cpu_cores_off": C.summary([(p[False]["cpu_busy_s"] - p[False]["cpu_procs_s"]) / p[False]["seconds"]
+                                          for p in rows]),
     }
 
 
+def churn(profile) -> dict:
+    rows = _paired(profile, [0], profile.rounds)
+    return _churn_summary(rows[0], 0, rows["span"])
+
+
 def churn_growth(profile) -> dict:
-    out = {}
-    for rate in profile.churn_rates:
-        out[str(rate)] = churn(profile, rate=rate, rounds=profile.growth_rounds)
-    return out
+    rows = _paired(profile, list(profile.churn_rates), profile.growth_rounds)
+    return {str(rate): _churn_summary(rows[rate], rate, rows["span"]) for rate in profile.churn_rates}
 
 
 # ---- 2: syscall-heavy loops ---------------------------------------------------------------

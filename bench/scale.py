@@ -258,6 +258,10 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
         "fastest_any_baseline": fastest_any,
         "speedup_vs_fastest_any": baselines[fastest_any]["median"] / C.median(lat),
     }
+    if level == max(profile.levels) and profile.pyspy_seconds:
+        from . import pyspy
+
+        res["pyspy_scrapes"] = pyspy.profile_scrapes(agent, profile.pyspy_seconds)
     C.log(f"scale {level}: scrape {res['scrape_seconds']['median'] * 1e3:.1f} ms "
           f"(p99 {res['scrape_seconds']['p99'] * 1e3:.1f}), RSS {res['agent_memory']['VmRSS'] / 2**20:.1f} MiB, "
           f"{fastest} {named[fastest] * 1e3:.0f} ms -> {res['speedup_vs_fastest']:.0f}x")
