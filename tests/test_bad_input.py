@@ -199,3 +199,23 @@ def test_valid_config_is_accepted(tmp_path):
     assert config.parse("").refresh_interval_seconds == config.Config().refresh_interval_seconds
     wc = webconfig.parse(f"basic_auth_users:\n  prometheus: '{GOOD_HASH}'\n", "web.yml")
     assert set(wc.users) == {"prometheus"}
+
+
+def test_every_config_key_is_documented():
+    """docs/configuration.md names every key the parser accepts."""
+    import dataclasses
+
+    from connwatch import config
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+
+    def keys(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            default = getattr(cls(), f.name)
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    missing = [k for k in keys(config.Config) if f"`{k}`" not in doc]
+    assert not missing, f"not in docs/configuration.md: {missing}"
