@@ -94,7 +94,8 @@ class Diagnosis:
     listeners: list[Listener] = field(default_factory=list)
     processes: list[ProcessInfo] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
-    # sysctl key -> value to write; rlimit -> value; unit -> value
+    # what the fixes must set: sysctl key -> value; RLIMIT_NOFILE for login
+    # sessions (limits.d); systemd unit -> LimitNOFILE
     sysctl_fixes: dict[str, str] = field(default_factory=dict)
     nofile_fix: int | None = None
     systemd_fixes: dict[str, int] = field(default_factory=dict)
