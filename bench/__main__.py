@@ -187,9 +187,32 @@ def print_table(rows, out=sys.stdout) -> None:
         print(line(r), file=out)
 
 
-def markdown(rows) -> str:
-    out = ["| benchmark | measurement | result | target |", "|---|---|---|---|"]
+def markdown(rows, res: dict | None = None) -> str:
+    out = []
+    if res:
+        m = res["machine"]
+        out += [f"Run: `{res['command']}`, {m['date']}, {res.get('total_seconds', 0):.0f} s. "
+                f"Machine: nproc={m['nproc']}, kernel {m['kernel']}, CPU {m['cpu']}; "
+                f"load average {' '.join(m['loadavg_start'])} at the start, "
+                f"{' '.join(m.get('loadavg_end', []))} at the end; "
+                f"other people's syscall-tracepoint BPF links at the start: {res.get('foreign_syscall_links_at_start')}.",
+                ""]
+    out += ["| benchmark | measurement | result | target |", "|---|---|---|---|"]
     out += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    if res:
+        for lv in res.get("scale", {}).get("levels", []):
+            spy = lv.get("pyspy_scrapes")
+            if spy and "inclusive_pct" in spy:
+                out += ["", f"py-spy, agent during {spy['scrapes']} scrapes at {lv['connections']} connections "
+                        f"({spy['samples']} samples, all threads):", "", "```",
+                        f"{'inclusive':>9}  {'function':<58} {'self':>6}  function"]
+                for (k, v), (k2, v2) in zip(spy["inclusive_pct"][:15], spy["self_pct"][:15]):
+                    out.append(f"{v:8.1f}%  {k:<58} {v2:5.1f}%  {k2}")
+                out.append("```")
+        for k, p in res.get("profile", {}).items():
+            out += ["", f"perf, `{k}` (top symbols, % of the load generator's CPU samples):", "", "```"]
+            out += p["top"][:15]
+            out += ["by category: " + ", ".join(f"{c} {v:.1f}%" for c, v in p["categories_pct"].items()), "```"]
     return "\n".join(out) + "\n"
 
 
@@ -231,7 +254,7 @@ def main(argv=None) -> int:
 
     C.install_signal_handlers()
     t_start = time.monotonic()
-    res = {"machine": machine(), "profile": dataclasses.asdict(profile), "benchmarks": only,
+    res = {"machine": machine(), "settings": dataclasses.asdict(profile), "benchmarks": only,
            "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])}
     from . import overhead, profile as prof, scale
 
@@ -284,7 +307,7 @@ def main(argv=None) -> int:
             print("  by category: " + ", ".join(f"{c} {v:.1f}%" for c, v in p["categories_pct"].items()))
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows))
+            f.write(markdown(rows, res))
     return 0
 
 

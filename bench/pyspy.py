@@ -33,7 +33,9 @@ def summarize(raw: Path, top: int = 20) -> dict:
             continue
         n = int(n)
         total += n
-        frames = [_key(f) for f in stack.split(";")]
+        frames = [_key(f) for f in stack.split(";") if not f.startswith(("thread (", "process "))]
+        if not frames:
+            continue
         for f in set(frames):
             incl[f] += n
         leaf[frames[-1]] += n
