@@ -534,3 +534,52 @@ def test_agent_is_up_and_not_alerting_about_itself(e2e):
     prom = e2e["prom"]
     assert prom.instant(f'up{{job="connwatch",instance="{e2e["instance"]}"}} == 1')
     assert not firing(prom, "ConnwatchAgentDown")
+
+
+# --- ground truth through Prometheus (what the panels above will show) ----------------------
+
+def value_of(prom: Prometheus, expr: str) -> float | None:
+    result = prom.instant(expr)
+    return float(result[0]["value"][1]) if result else None
+
+
+def wait_value(e2e, expr: str, want: float, what: str):
+    prom = e2e["prom"]
+    expr = substitute(expr, e2e["vars"])
+    poll(lambda: value_of(prom, expr) == want, 20, f"{what}: {expr} == {want} (now {value_of(prom, expr)})")
+
+
+PROC = 'instance="$instance",pid="$pid"'
+
+
+def test_connection_counts_match_ground_truth(e2e):
+    # 10 TCP connections accepted: 8 upgraded, 2 answered 429 and closed; 2 upgraded ones closed
+    # again; the flood's connections wait in the accept queue and are never accepted
+    wait_value(e2e, f"sum(connwatch_connections{{{PROC}}})", 6, "open connections")
+    wait_value(e2e, f"sum(connwatch_connections_accepted_total{{{PROC}}})", 10, "accepted")
+    wait_value(e2e, f"sum(connwatch_connections_closed_total{{{PROC}}})", 4, "closed")
+    wait_value(e2e, f'connwatch_listen_backlog_requested{{{PROC},port="$port"}}', 1, "requested backlog")
+    emfile = substitute(f'sum(connwatch_fd_alloc_failures_total{{{PROC},syscall="openat",errno="EMFILE"}})',
+                        e2e["vars"])
+    poll(lambda: (value_of(e2e["prom"], emfile) or 0) >= 1, 20, "EMFILE counted on openat")
+
+
+def test_websocket_counts_match_ground_truth(e2e):
+    wait_value(e2e, f'sum(connwatch_connections{{{PROC},kind="websocket"}})', 6, "open WebSocket connections")
+    wait_value(e2e, f'sum(connwatch_websocket_upgrades_total{{{PROC},status="101"}})', 8, "101 upgrades")
+    wait_value(e2e, f'sum(connwatch_websocket_upgrades_total{{{PROC},status="429"}})', 2, "429 refusals")
+    wait_value(e2e, 'max(connwatch_peer_connections_max{instance="$instance",port="$port"})', PER_IP_CAP,
+               "busiest peer")
+    wait_value(e2e, 'sum(connwatch_connection_duration_seconds_count{instance="$instance",port="$port"})', 4,
+               "closed connections in the duration histogram")
+
+
+def test_fd_headroom_matches_ground_truth(e2e):
+    wait_value(e2e, f"connwatch_process_max_fds{{{PROC}}}", FD_LIMIT, "soft RLIMIT_NOFILE")
+    wait_value(e2e, f"connwatch_process_open_fds{{{PROC}}}", FD_HOLD, "open fds")
+
+
+def test_accept_queue_matches_ground_truth(e2e):
+    # backlog 1 queues 2 connections (the kernel's "full" is queue > backlog)
+    wait_value(e2e, f'connwatch_listen_backlog{{{PROC},port="$port"}}', 1, "effective backlog")
+    wait_value(e2e, f'connwatch_listen_queue_length{{{PROC},port="$port"}}', 2, "accept queue length")
