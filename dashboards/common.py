@@ -41,8 +41,12 @@ def datasource_var() -> g.Template:
 
 
 def query_var(name: str, label: str, query: str, multi: bool = True) -> g.Template:
-    return g.Template(name=name, label=label, query=query, dataSource=DS, includeAll=True, multi=multi,
-                      allValue=".*", default="$__all", refresh=2, sort=3 if name in ("pid", "port") else 1)
+    """A Prometheus label_values() variable, refreshed on time-range change, defaulting to All."""
+    t = g.Template(name=name, label=label, query=query, dataSource=DS, includeAll=True, multi=multi,
+                   allValue=".*", default="$__all", refresh=2, sort=3 if name in ("pid", "port") else 1)
+    t._current = ({"selected": True, "text": ["All"], "value": ["$__all"]} if multi
+                  else {"selected": True, "text": "All", "value": "$__all"})
+    return t
 
 
 def instance_var(multi: bool = True) -> g.Template:

@@ -6,7 +6,7 @@ from dashboards.common import (INSTANCE, Layout, bargauge, make_dashboard, insta
 from dashboards.params import DEFAULT, Params
 
 RATE = "[$__rate_interval]"
-TCP_MEM_MAX = 'threshold="max"'
+TCP_MEM_PRESSURE = 'threshold="pressure"'
 
 
 def ratio(usage: str, limit: str, on: str = "") -> str:
@@ -29,7 +29,8 @@ def build(p: Params = DEFAULT):
          target(ratio(m.SYSTEM_TIME_WAIT, m.SYSTEM_TIME_WAIT_LIMIT), "{{instance}} TIME_WAIT / tcp_max_tw_buckets"),
          target(ratio(m.SYSTEM_ORPHANS, m.SYSTEM_ORPHANS_LIMIT), "{{instance}} orphans / tcp_max_orphans"),
          target(f"{sel(m.SYSTEM_TCP_MEMORY, INSTANCE)} / on(instance, job) group_left() "
-                f"({sel(m.SYSTEM_TCP_MEMORY_LIMIT, INSTANCE, TCP_MEM_MAX)} > 0)", "{{instance}} TCP memory / tcp_mem max")],
+                f"({sel(m.SYSTEM_TCP_MEMORY_LIMIT, INSTANCE, TCP_MEM_PRESSURE)} > 0)",
+                "{{instance}} TCP memory / tcp_mem pressure")],
         "percentunit", thresholds=usage_thresholds(p, p.system_open_files, 0.95), max_=1), w=24, h=9)
 
     lay.row("File handles")
@@ -68,11 +69,13 @@ def build(p: Params = DEFAULT):
          target(sel(m.SYSTEM_ORPHANS_LIMIT, INSTANCE), "{{instance}} tcp_max_orphans limit")],
         "short", limits=True), w=8)
     lay.add(timeseries(
-        "TCP memory vs tcp_mem", "Pages allocated to TCP buffers against the tcp_mem thresholds (dashed): "
+        "TCP memory vs tcp_mem", "Memory allocated to TCP buffers against the tcp_mem thresholds (dashed): "
         "above pressure the kernel shrinks buffers, above max it drops.",
-        [target(sel(m.SYSTEM_TCP_MEMORY, INSTANCE), "{{instance}} TCP memory"),
-         target(sel(m.SYSTEM_TCP_MEMORY_LIMIT, INSTANCE), "{{instance}} tcp_mem {{threshold}} limit")],
-        "suffix: pages", limits=True), w=8)
+        [target(f"{sel(m.SYSTEM_TCP_MEMORY, INSTANCE)} * on(instance, job) group_left() "
+                f"{sel(m.SYSTEM_PAGE_SIZE, INSTANCE)}", "{{instance}} TCP memory"),
+         target(f"{sel(m.SYSTEM_TCP_MEMORY_LIMIT, INSTANCE)} * on(instance, job) group_left() "
+                f"{sel(m.SYSTEM_PAGE_SIZE, INSTANCE)}", "{{instance}} tcp_mem {{threshold}} limit")],
+        "bytes", limits=True), w=8)
 
     lay.row("Listen backlog")
     lay.add(stat(

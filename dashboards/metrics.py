@@ -59,6 +59,7 @@ SYSTEM_ORPHANS = "connwatch_system_tcp_orphans"
 SYSTEM_ORPHANS_LIMIT = "connwatch_system_tcp_orphans_limit"
 SYSTEM_TCP_MEMORY = "connwatch_system_tcp_memory_pages"
 SYSTEM_TCP_MEMORY_LIMIT = "connwatch_system_tcp_memory_pages_limit"  # {threshold=min|pressure|max}
+SYSTEM_PAGE_SIZE = "connwatch_system_page_size_bytes"  # turns *_pages into bytes
 SYSTEM_SOMAXCONN = "connwatch_system_somaxconn"
 SYSTEM_TCP_MAX_SYN_BACKLOG = "connwatch_system_tcp_max_syn_backlog"
 SYSTEM_LISTEN_OVERFLOWS = "connwatch_system_listen_overflows_total"
