@@ -524,7 +524,7 @@ def test_listen_drop_alert_fires(e2e):
 
 def test_fd_usage_alert_fires(e2e):
     alert = poll(lambda: firing(e2e["prom"], "ConnwatchProcessFdUsageHigh", pid=str(e2e["server"].pid),
-                                severity="warning"), 20, "ConnwatchProcessFdUsageHigh firing")[0]
+                                severity="warning"), 15, "ConnwatchProcessFdUsageHigh firing")[0]
     assert float(alert["value"]) == pytest.approx(FD_HOLD / FD_LIMIT, abs=0.05)
     assert f"of {FD_LIMIT} (alert above 80%)" in alert["annotations"]["description"]
     assert not firing(e2e["prom"], "ConnwatchProcessFdUsageHigh", pid=str(e2e["server"].pid), severity="critical")
@@ -546,7 +546,7 @@ def value_of(prom: Prometheus, expr: str) -> float | None:
 def wait_value(e2e, expr: str, want: float, what: str):
     prom = e2e["prom"]
     expr = substitute(expr, e2e["vars"])
-    poll(lambda: value_of(prom, expr) == want, 20, f"{what}: {expr} == {want} (now {value_of(prom, expr)})")
+    poll(lambda: value_of(prom, expr) == want, 10, f"{what}: {expr} == {want} (now {value_of(prom, expr)})")
 
 
 PROC = 'instance="$instance",pid="$pid"'
