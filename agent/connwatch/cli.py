@@ -97,17 +97,22 @@ def _listen_error(address: str, e: OSError) -> str:
 
 def _run(args) -> int:
     from . import config, webconfig
-    from .agent import Agent, StartupError, preflight
-    from .probes import ProbeError
-    from .web import parse_listen_address
 
     _setup_logging(args.log_level)
     if not args.telemetry_path.startswith("/") or any(c.isspace() for c in args.telemetry_path):
         return _fail(f"--web.telemetry-path {args.telemetry_path!r}: must be a path starting with /")
     try:
-        parse_listen_address(args.listen_address)
         cfg = config.load(args.config_file)
         web_cfg = webconfig.load(args.web_config_file)
+    except config.ConfigError as e:
+        return _fail(str(e))
+    # the heavy imports (libbpf, prometheus_client) only once the files are fine
+    from .agent import Agent, StartupError, preflight
+    from .probes import ProbeError
+    from .web import parse_listen_address
+
+    try:
+        parse_listen_address(args.listen_address)
         preflight()
         check_privileges()
     except (config.ConfigError, StartupError, ValueError) as e:
