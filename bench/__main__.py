@@ -31,7 +31,7 @@ ALL = ("churn", "syscall", "bpfcost", "scale", "churn-growth", "profile")
 @dataclasses.dataclass
 class Profile:
     name: str
-    rounds: int = 7              # churn: with/without pairs
+    rounds: int = 6              # churn: with/without pairs (even: as many off-first as on-first)
     warmup: float = 1.0
     churn_seconds: float = 3.0
     churn_servers: int = 2
