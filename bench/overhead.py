@@ -248,13 +248,16 @@ def _agent_prog_stats(agent: C.Agent) -> dict[str, tuple[int, int]]:
 
 
 def _measure(profile, read_stats, settle=lambda: None) -> dict:
-    """Churn, then a getppid loop; program stats read before, between, after."""
+    """Churn, then a getppid loop, then 1-byte write+read loops over loopback TCP
+    connections; program stats read before, between and after."""
     s0 = read_stats()
     ch = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup / 2,
                    profile.churn_seconds, 0, "127.0.0.10")
     settle()
     s1 = read_stats()
     sl = C.loadgen("sysloop", "getppid", NCPU, 0.1, profile.syscall_seconds)
+    # data on established TCP connections: sock_send_length / sock_recv_length
+    tcp = C.loadgen("sysloop", "tcp", NCPU, 0.1, profile.syscall_seconds)
     settle()
     s2 = read_stats()
     total, churn_d = _stats_delta(s0, s2), _stats_delta(s0, s1)
@@ -265,7 +268,8 @@ def _measure(profile, read_stats, settle=lambda: None) -> dict:
     conns = ch["rate"] * (ch["seconds"] + profile.warmup / 2)
     return {"programs": rows,
             "bpf_ns_per_connection": sum(t for t, _ in churn_d.values()) / max(conns, 1),
-            "workload": {"conns_measured": ch["conns"], "getppid_calls": sl["iters"]}}
+            "workload": {"conns_measured": ch["conns"], "getppid_calls": sl["iters"],
+                         "tcp_1byte_round_trips": tcp["iters"]}}
 
 
 def bpfcost(profile, objs) -> dict:

@@ -10,7 +10,8 @@
  *       RATE 0 = as fast as possible, else total offered connections/s.
  *       Prints: conns=N seconds=S rate=R cpu_busy_s=B (system-wide)
  *       cpu_procs_s=P (the generator's own processes) ...
- *   loadgen sysloop MODE PROCS WARMUP_S SECONDS     MODE = getppid | pipe
+ *   loadgen sysloop MODE PROCS WARMUP_S SECONDS     MODE = getppid | pipe | tcp
+ *       (tcp: 1-byte write + read over one established loopback TCP connection)
  *       Prints: iters=N seconds=S ns_per_iter=X (wall, per process)
  *       cpu_ns_per_iter=Y (CPU time the loops got, per iteration) ...
  *   loadgen hold-server MAX
@@ -25,6 +26,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdint.h>
@@ -238,10 +240,11 @@ static int cmd_churn(int argc, char **argv)
 static int cmd_sysloop(int argc, char **argv)
 {
 	if (argc != 6) {
-		fprintf(stderr, "usage: loadgen sysloop getppid|pipe PROCS WARMUP SECONDS\n");
+		fprintf(stderr, "usage: loadgen sysloop getppid|pipe|tcp PROCS WARMUP SECONDS\n");
 		return 2;
 	}
-	int pipe_mode = strcmp(argv[2], "pipe") == 0, procs = atoi(argv[3]);
+	int pipe_mode = strcmp(argv[2], "pipe") == 0, tcp_mode = strcmp(argv[2], "tcp") == 0;
+	int procs = atoi(argv[3]);
 	double warmup = atof(argv[4]), seconds = atof(argv[5]);
 	struct slot *cnt = shared_slots(procs);
 	pid_t pids[64] = {0};
@@ -256,8 +259,20 @@ static int cmd_sysloop(int argc, char **argv)
 			child_dies_with_parent();
 			if (pipe_mode && pipe(fds))
 				die("pipe");
+			if (tcp_mode) {
+				/* one loopback TCP connection, accepted in this process:
+				 * fds[1] = client end (writes), fds[0] = server end (reads) */
+				int port, lfd = listener(1, &port), one = 1;
+				struct in_addr lo = { htonl(INADDR_LOOPBACK) };
+				fds[1] = connect_from(lo, port);
+				fds[0] = accept4(lfd, NULL, NULL, 0);
+				if (fds[0] < 0 || fds[1] < 0)
+					die("tcp pair");
+				setsockopt(fds[1], IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+				close(lfd);
+			}
 			for (;;) {
-				if (pipe_mode) {
+				if (pipe_mode || tcp_mode) {
 					if (write(fds[1], &b, 1) != 1 || read(fds[0], &b, 1) != 1)
 						die("pipe io");
 				} else {
