@@ -17,7 +17,9 @@ Hardened against the clients a fleet-wide agent meets:
 * GET and HEAD only (405 for the other methods);
 * with TLS, a plain-HTTP request to the TLS port gets a 400 and no data.
 
-Counters of what was shed or evicted are in ``server.stats``.
+What happened to each connection is counted in ``server.stats`` and served
+as ``connwatch_http_connections_total{outcome}`` (accepted, shed_503,
+shed_closed, evicted).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from socketserver import _SocketWriter
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
 from . import caps
@@ -352,6 +355,25 @@ class _Server(ThreadingHTTPServer):
             sock.close()
 
 
+class _HttpCollector:
+    """connwatch_http_connections_total{outcome}: the endpoint's own load shedding."""
+
+    def __init__(self, server: _Server):
+        self._server = server
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        c = CounterMetricFamily("connwatch_http_connections",
+                                "Connections to the metrics endpoint: accepted; over the cap and answered 503 "
+                                "(shed_503) or closed unanswered (shed_closed); cut off to make room (evicted).",
+                                labels=["outcome"])
+        for outcome, n in sorted(self._server.stats.items()):
+            c.add_metric([outcome], n)
+        yield c
+
+
 def make_server(address: str, path: str, registry: CollectorRegistry,
                 web_config: WebConfig | None = None) -> ThreadingHTTPServer:
     host, port = parse_listen_address(address)
@@ -388,4 +410,6 @@ def make_server(address: str, path: str, registry: CollectorRegistry,
     for method in OTHER_METHODS:
         setattr(Handler, f"do_{method}", _HandlerBase._not_allowed)
 
-    return _Server((host, port), Handler, family, web_config)
+    server = _Server((host, port), Handler, family, web_config)
+    registry.register(_HttpCollector(server))
+    return server
