@@ -131,8 +131,11 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
                 if who == "alt" and not prog.startswith("(") and v["runs"] < 1000:
                     continue
                 rows.append(("3 BPF cost", f"{who}: {prog}", f"{v['ns_per_event']:.0f} ns/event ({v['runs']:.0f} runs)", ""))
+            by = r[who].get("bpf_ns_per_connection_by_program", {})
+            detail = ", ".join(f"{p} {v:.0f}" for p, v in sorted(by.items(), key=lambda kv: -kv[1])[:4]
+                               if not p.startswith("("))
             rows.append(("3 BPF cost", f"{who}: BPF time per loopback connection (accept+close, both ends)",
-                         f"{r[who]['bpf_ns_per_connection']:.0f} ns", ""))
+                         f"{r[who]['bpf_ns_per_connection']:.0f} ns ({detail})", ""))
     if "scale" in res:
         for lv in res["scale"]["levels"]:
             n = lv["connections"]

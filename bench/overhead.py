@@ -268,6 +268,7 @@ def _measure(profile, read_stats, settle=lambda: None) -> dict:
     conns = ch["rate"] * (ch["seconds"] + profile.warmup / 2)
     return {"programs": rows,
             "bpf_ns_per_connection": sum(t for t, _ in churn_d.values()) / max(conns, 1),
+            "bpf_ns_per_connection_by_program": {p: t / max(conns, 1) for p, (t, _) in sorted(churn_d.items()) if t},
             "workload": {"conns_measured": ch["conns"], "getppid_calls": sl["iters"],
                          "tcp_1byte_round_trips": tcp["iters"]}}
 
