@@ -45,6 +45,7 @@ class Profile:
     scrapes: int = 50
     idle_window: float = 3.0
     baseline_reps: int = 5
+    agent_refresh: float = 2.0   # refresh_interval_seconds of the bpfcost/scale agents (2 = the default)
     pyspy_seconds: float = 10.0  # py-spy the agent while scraping at the largest level
     quiet_wait: float = 10.0     # wait this long for other people's syscall probes to go
 
@@ -58,7 +59,7 @@ PROFILES = {
     "smoke": Profile("smoke", rounds=1, warmup=0.2, churn_seconds=0.5, syscall_rounds=1,
                      syscall_seconds=0.2, churn_rates=(1000,), growth_rounds=1, levels=(500,),
                      holder_procs=2, scrapes=5, idle_window=0.5, baseline_reps=1, quiet_wait=0,
-                     pyspy_seconds=0),
+                     pyspy_seconds=0, agent_refresh=0.5),
 }
 SMOKE_ONLY = ("churn", "syscall", "bpfcost", "scale")
 

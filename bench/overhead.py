@@ -76,8 +76,12 @@ def churn_phase(profile, span: _AgentSpan, attached: bool, rate: float = 0) -> d
     return res
 
 
-def agent_refresh_wait() -> float:
-    return 2.2  # default refresh_interval_seconds (2 s) plus a margin
+def agent_refresh_wait(profile) -> float:
+    return profile.agent_refresh + 0.2  # one snapshot refresh plus a margin
+
+
+def agent_config(profile) -> dict:
+    return {"refresh_interval_seconds": profile.agent_refresh}
 
 
 def _paired(profile, rates: list[float], rounds: int) -> dict[float, list[dict]]:
@@ -279,11 +283,11 @@ def bpfcost(profile, objs) -> dict:
         out["bpf_stats_enabled_before"] = old
         # the agent: read through its own metrics (this also checks the
         # connwatch_bpf_program_* series it exports)
-        agent = C.Agent(tag="bpfcost")
+        agent = C.Agent(agent_config(profile), tag="bpfcost")
         try:
-            time.sleep(agent_refresh_wait())
+            time.sleep(agent_refresh_wait(profile))
             out["agent"] = _measure(profile, lambda: _agent_prog_stats(agent),
-                                    lambda: time.sleep(agent_refresh_wait()))
+                                    lambda: time.sleep(agent_refresh_wait(profile)))
             out["agent_probes"] = agent.probes
         finally:
             agent.stop()

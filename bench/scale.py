@@ -233,7 +233,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
     cpu_per_scrape = max(0.0, (c1 - c0) - bg_ns_per_s * (w1 - w0)) / n / 1e9
     # snapshot builds over a few refreshes (one build per refresh interval)
     while len(set(snap)) < 3:
-        time.sleep(0.7)
+        time.sleep(profile.agent_refresh / 3)
         m = re.search(r"^connwatch_snapshot_duration_seconds (\S+)$", agent.scrape()[1], re.M)
         snap.append(float(m.group(1)))
     metrics = agent.metrics()
@@ -273,7 +273,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
 def scale(profile) -> dict:
     levels = profile.levels
     nproc = max(profile.holder_procs, math.ceil(max(levels) / PER_PROCESS_MAX))
-    agent = C.Agent(tag="scale")
+    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh}, tag="scale")
     holders = None
     try:
         holders = Holders(nproc)
