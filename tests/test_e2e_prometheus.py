@@ -37,7 +37,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from dashboards import alerts
+from dashboards import alerts, metrics
 from dashboards.params import DEFAULT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -583,3 +583,19 @@ def test_accept_queue_matches_ground_truth(e2e):
     # backlog 1 queues 2 connections (the kernel's "full" is queue > backlog)
     wait_value(e2e, f'connwatch_listen_backlog{{{PROC},port="$port"}}', 1, "effective backlog")
     wait_value(e2e, f'connwatch_listen_queue_length{{{PROC},port="$port"}}', 2, "accept queue length")
+
+
+# --- the contract ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def served(e2e) -> set[str]:
+    """Names of every connwatch metric (and `up`) Prometheus has from the agent under load."""
+    result = e2e["prom"].instant(f'count by (__name__) ({{__name__=~"connwatch_.+|up",instance="{e2e["instance"]}"}})')
+    return {r["metric"]["__name__"] for r in result}
+
+
+@pytest.mark.parametrize("name", sorted(metrics.CONTRACT - {metrics.CONNECTION_DURATION}))
+def test_contract_metric_is_served_under_load(served, name):
+    """Every metric the dashboards and alerts are written against exists in Prometheus
+    once the agent has seen this test's load (a missing one means empty panels)."""
+    assert name in served, f"the agent serves no {name} series"
