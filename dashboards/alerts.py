@@ -87,7 +87,7 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             "ConnwatchProcessFdUsageHigh", "process-fd-usage-high", severity,
             f"{m.PROCESS_OPEN_FDS} / ({m.PROCESS_MAX_FDS} > 0) > {threshold:g}",
             p.fd_usage_for,
-            f"{{{{ $labels.comm }}}} uses {{{{ $value | humanizePercentage }}}} of its file-descriptor limit.",
+            "{{ $labels.comm }} uses {{ $value | humanizePercentage }} of its file-descriptor limit.",
             f"{WHO} has {q(open_fds, 'instance', 'pid')} file descriptors open, "
             f"{{{{ $value | humanizePercentage }}}} of its soft RLIMIT_NOFILE of {q(max_fds, 'instance', 'pid')} "
             f"(alert above {pct(threshold)}). Every connection holds one; at the limit accept() fails with "

@@ -63,7 +63,7 @@ def build(p: Params = DEFAULT):
         f"Open fds / soft RLIMIT_NOFILE. Alerts at {p.fd_usage_warning:.0%} (warning) and "
         f"{p.fd_usage_critical:.0%} (critical).",
         [target(f"topk(5, {fd_usage})", "{{comm}} ({{pid}})")], "percentunit",
-        thresholds=usage_thresholds(p, p.fd_usage_warning, p.fd_usage_critical), max_=1), w=8)
+        thresholds=usage_thresholds(p.fd_usage_warning, p.fd_usage_critical), max_=1), w=8)
     lay.add(timeseries(
         "Host open files vs fs.file-max", "Allocated file handles against fs.file-max (dashed).",
         [target(sel(m.SYSTEM_OPEN_FILES, INSTANCE), "{{instance}} open files"),

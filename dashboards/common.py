@@ -84,7 +84,7 @@ def _steps(thresholds) -> list[dict]:
     return [{"color": c, "value": v} for v, c in thresholds]
 
 
-def usage_thresholds(p: Params, warning: float, critical: float) -> list[tuple]:
+def usage_thresholds(warning: float, critical: float) -> list[tuple]:
     return [(None, "green"), (warning, "orange"), (critical, "red")]
 
 
@@ -191,15 +191,6 @@ def bargauge(title: str, description: str, targets: list, unit: str, *, threshol
                          min_=min_, max_=max_, steps=_steps(thresholds or [(None, "green")]))
 
 
-def table(title: str, description: str, targets: list, unit: str, *, overrides=None,
-          organize=None) -> g.Table:
-    transformations = [{"id": "merge", "options": {}}]
-    if organize:
-        transformations.append({"id": "organize", "options": organize})
-    return g.Table(title=title, description=description, dataSource=DS, targets=_ref(targets), unit=unit,
-                   overrides=overrides or [], transformations=transformations, filterable=True)
-
-
 @attr.s
 class HeatmapPanel(g.Panel):
     """Grafana 10 heatmap of pre-bucketed Prometheus histogram data (no client-side bucketing)."""
@@ -282,5 +273,6 @@ def make_dashboard(uid: str, title: str, description: str, layout: Layout, varia
 
 
 __all__ = ["DEFAULT", "DS", "INSTANCE", "PID", "COMM", "PORT", "Layout", "sel", "target", "timeseries",
-           "stat", "bargauge", "table", "heatmap", "BarGaugePanel", "HeatmapPanel", "dashboard", "failure_annotations", "instance_var",
-           "comm_var", "pid_var", "port_var", "usage_thresholds", "headroom_thresholds", "limit_override"]
+           "stat", "bargauge", "heatmap", "BarGaugePanel", "HeatmapPanel", "make_dashboard",
+           "failure_annotations", "instance_var", "comm_var", "pid_var", "port_var", "usage_thresholds",
+           "headroom_thresholds", "limit_override"]

@@ -31,7 +31,7 @@ def build(p: Params = DEFAULT):
          target(f"{sel(m.SYSTEM_TCP_MEMORY, INSTANCE)} / on(instance, job) group_left() "
                 f"({sel(m.SYSTEM_TCP_MEMORY_LIMIT, INSTANCE, TCP_MEM_PRESSURE)} > 0)",
                 "{{instance}} TCP memory / tcp_mem pressure")],
-        "percentunit", thresholds=usage_thresholds(p, p.system_open_files, 0.95), max_=1), w=24, h=9)
+        "percentunit", thresholds=usage_thresholds(p.system_open_files, p.system_critical), max_=1), w=24, h=9)
 
     lay.row("File handles")
     lay.add(timeseries(

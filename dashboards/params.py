@@ -73,6 +73,8 @@ class Params:
     map_fill_warning: float = 0.80  # dashboard thresholds only
     map_fill_critical: float = 0.95
 
+    # Dashboard colouring of system-limit usage above the warning thresholds.
+    system_critical: float = 0.95
     # Dashboard colouring of headroom (fraction of the limit still free).
     headroom_warning: float = 0.20
     headroom_critical: float = 0.05

@@ -16,7 +16,7 @@ def build(p: Params = DEFAULT):
     open_fds = sel(m.PROCESS_OPEN_FDS, *proc)
     max_fds = sel(m.PROCESS_MAX_FDS, *proc)
     fd_usage = f"{open_fds} / ({max_fds} > 0)"
-    usage = usage_thresholds(p, p.fd_usage_warning, p.fd_usage_critical)
+    usage = usage_thresholds(p.fd_usage_warning, p.fd_usage_critical)
     duration = sel(m.CONNECTION_DURATION_BUCKET, INSTANCE, PORT)
 
     lay = Layout()
