@@ -167,16 +167,19 @@ def test_keep_alive_serves_several_requests(ep):
 # ---- slow clients, the connection cap, bursts --------------------------------------
 
 
-def _trickle(port: int, stop: threading.Event, result: dict, interval: float = 1.0):
+def _trickle(port: int, stop: threading.Event, result: dict, interval: float = 1.0,
+             started: threading.Semaphore | None = None):
     """Slowloris: one header byte per `interval`; records when the server hangs up."""
     payload = b"GET /metrics HTTP/1.1\r\nX-Slow: " + b"z" * 10_000
     t0 = time.monotonic()
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         try:
-            for b in payload:
+            for i, b in enumerate(payload):
                 if stop.is_set():
                     return
                 s.sendall(bytes([b]))
+                if i == 0 and started is not None:
+                    started.release()
                 s.settimeout(interval)
                 try:
                     if s.recv(1024) == b"":
@@ -189,12 +192,14 @@ def _trickle(port: int, stop: threading.Event, result: dict, interval: float = 1
 
 
 def test_slowloris_does_not_block_scrapes(ep):
-    stop, result = threading.Event(), {}
-    slow = [threading.Thread(target=_trickle, args=(ep.port, stop, result), daemon=True) for _ in range(5)]
+    stop, result, started = threading.Event(), {}, threading.Semaphore(0)
+    slow = [threading.Thread(target=_trickle, args=(ep.port, stop, result, 1.0, started), daemon=True)
+            for _ in range(5)]
     for t in slow:
         t.start()
     try:
-        time.sleep(0.3)  # let the slow clients connect and send their first bytes
+        for _ in slow:  # every slow client is connected and has sent its first byte
+            assert started.acquire(timeout=10)
         for _ in range(5):
             t0 = time.monotonic()
             status, _ = ep.get(timeout=2)

@@ -225,17 +225,21 @@ def test_wrong_password_flood_does_not_starve_scrapes(tls_agent, pki):
     ca = str(pki / "ca.crt")
     stop = threading.Event()
 
+    rejected = threading.Semaphore(0)
+
     def flood():
         n = 0
         while not stop.is_set():
-            requests.get(url, auth=(USER, f"guess{n}"), verify=ca, timeout=10)
+            assert requests.get(url, auth=(USER, f"guess{n}"), verify=ca, timeout=10).status_code == 401
+            rejected.release()
             n += 1
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         for _ in range(8):
             pool.submit(flood)
         try:
-            time.sleep(0.3)
+            for _ in range(8):  # the flood is on: wrong passwords are being bcrypt-checked
+                assert rejected.acquire(timeout=10)
             for _ in range(5):
                 t0 = time.monotonic()
                 r = requests.get(url, auth=(USER, PASSWORD), verify=ca, timeout=10)
