@@ -9,6 +9,7 @@ instead of two.
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import socket
 import ssl
@@ -309,3 +310,40 @@ def test_curl_client_cert(mtls_server, pki):
     assert "mtls_test_up 1.0" in ok.stdout, ok.stderr
     refused = subprocess.run(base, capture_output=True, text=True, timeout=10)
     assert refused.returncode != 0 and "mtls_test_up" not in refused.stdout
+
+
+def _serial(port: int, ca: Path) -> str:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return tls.getpeercert()["serialNumber"]
+
+
+def test_rotated_certificate_is_picked_up_without_restart(pki, tmp_path, caplog):
+    """cert-manager and friends replace the files; new connections get the new certificate,
+    and a half-written pair keeps the previous one in service."""
+    from conftest import wait_for
+
+    _make_cert(pki, "server2", "ca", san="IP:127.0.0.1")
+    for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key")):
+        shutil.copy(pki / src, tmp_path / dst)
+    (tmp_path / "web.yml").write_text("tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n")
+    registry = CollectorRegistry()
+    server = web.make_server("127.0.0.1:0", "/metrics", registry, webconfig.load(str(tmp_path / "web.yml")))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        first = _serial(port, pki / "ca.crt")
+        for src, dst in (("server2.key", "tls.key"), ("server2.crt", "tls.crt")):
+            shutil.copy(pki / src, tmp_path / (dst + ".new"))
+            os.replace(tmp_path / (dst + ".new"), tmp_path / dst)
+        second = wait_for(lambda: (s := _serial(port, pki / "ca.crt")) != first and s, timeout=10,
+                          what="the rotated certificate to be served")
+        caplog.set_level("WARNING", logger="connwatch.webconfig")
+        (tmp_path / "tls.crt").write_text("half-written\n")
+        wait_for(lambda: _serial(port, pki / "ca.crt") and "do not load" in caplog.text, timeout=10,
+                 what="the broken files to be tried")
+        assert _serial(port, pki / "ca.crt") == second  # still serving the last good pair
+    finally:
+        server.shutdown()
+        server.server_close()

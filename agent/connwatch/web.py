@@ -158,7 +158,8 @@ class _HandlerBase(BaseHTTPRequestHandler):
             raise _Reject(None)
         if first[0] != 0x16:  # not a TLS handshake record: someone speaks plain HTTP
             raise _Reject(PLAIN_HTTP_TO_TLS)
-        tls = self.server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        ctx = self.server.web_config.current_ssl_context()  # picks up rotated certificates
+        tls = ctx.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
         tls.settimeout(max(0.001, self.deadline - time.monotonic()))
         tls.do_handshake()
         return tls
@@ -241,6 +242,7 @@ class _Server(ThreadingHTTPServer):
 
     def __init__(self, addr, handler, family, web_config: WebConfig | None):
         self.address_family = family
+        self.web_config = web_config
         self.ssl_context = web_config.ssl_context if web_config else None
         self.extra_headers = dict(web_config.headers) if web_config else {}
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)

@@ -33,6 +33,8 @@ import os
 import re
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import bcrypt
@@ -62,6 +64,8 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _RESERVED_HEADERS = {"content-length", "content-type", "connection", "transfer-encoding",
                      "www-authenticate", "date", "server"}
 BCRYPT_CONCURRENCY = 2
+# certificate files are checked for changes at most this often (rotation)
+TLS_RELOAD_CHECK_SECONDS = 1.0
 
 
 @dataclass
@@ -71,6 +75,38 @@ class WebConfig:
     headers: dict[str, str] = field(default_factory=dict)
     _verified: dict[bytes, str] = field(default_factory=dict)
     _dummy: bytes | None = None
+    _tls_build: Callable[[], ssl.SSLContext] | None = None
+    _tls_files: tuple[str, ...] = ()
+    _tls_stamp: tuple = ()
+    _tls_checked: float = 0.0
+
+    def current_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context, rebuilt when a certificate, key or CA file changed.
+
+        Rotated certificates (cert-manager, a Kubernetes secret volume, a
+        renew hook) are picked up by new connections without a restart. A
+        new set of files that does not load (say the cert was replaced but
+        not yet its key) is logged and the previous context kept until the
+        files change again.
+        """
+        if self.ssl_context is None or self._tls_build is None:
+            return self.ssl_context
+        now = time.monotonic()
+        if now - self._tls_checked < TLS_RELOAD_CHECK_SECONDS:
+            return self.ssl_context
+        with self._lock:
+            if now - self._tls_checked < TLS_RELOAD_CHECK_SECONDS:
+                return self.ssl_context
+            self._tls_checked = now
+            stamp = _stamp(self._tls_files)
+            if stamp != self._tls_stamp:
+                self._tls_stamp = stamp
+                try:
+                    self.ssl_context = self._tls_build()
+                    log.info("TLS files changed: reloaded %s", ", ".join(self._tls_files))
+                except ConfigError as e:
+                    log.warning("TLS files changed but do not load, keeping the previous ones: %s", e)
+        return self.ssl_context
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _bcrypt_slots: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(BCRYPT_CONCURRENCY))
@@ -112,6 +148,22 @@ class WebConfig:
         return ok
 
 
+
+
+def _stamp(paths: tuple[str, ...]) -> tuple:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+def _tls_files(tls: dict, base: str) -> tuple[str, ...]:
+    path = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
+    return tuple(path(tls[k]) for k in ("cert_file", "key_file", "client_ca_file") if tls.get(k))
 
 
 def _str(tls: dict, key: str, required: bool = False) -> str | None:
@@ -240,7 +292,12 @@ def parse(text: str, source: str, base: str = ".") -> WebConfig:
     wc = WebConfig()
     try:
         if data.get("tls_server_config") is not None:
-            wc.ssl_context = _tls_context(data["tls_server_config"], base)
+            tls = data["tls_server_config"]
+            wc.ssl_context = _tls_context(tls, base)
+            wc._tls_files = _tls_files(tls, base)
+            wc._tls_stamp = _stamp(wc._tls_files)
+            wc._tls_checked = time.monotonic()
+            wc._tls_build = lambda: _tls_context(tls, base)
         wc.users = _users(data.get("basic_auth_users"))
         wc.headers = _http_server_config(data.get("http_server_config"))
     except ConfigError as e:
