@@ -155,6 +155,14 @@ def test_methods(ep):
     ep.alive_and_serving()
 
 
+def test_get_with_a_body_closes_the_connection(ep):
+    """The unread body of a GET is never parsed as a second request (no smuggling)."""
+    smuggled = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+    for framing in (f"Content-Length: {len(smuggled)}\r\n".encode(), b"Transfer-Encoding: chunked\r\n"):
+        resp = raw(ep.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n" + smuggled)
+        assert resp.count(b"HTTP/1.") == 1 and status_of(resp) == 200 and b"Connection: close" in resp
+
+
 def test_keep_alive_serves_several_requests(ep):
     with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
         s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2 + b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")

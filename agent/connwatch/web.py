@@ -386,6 +386,8 @@ def make_server(address: str, path: str, registry: CollectorRegistry,
 
     class Handler(_HandlerBase):
         def _handle(self, head: bool):
+            if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+                self.close_connection = True  # a body we do not read must not become the next request
             if self.shed:
                 self.close_connection = True
                 self._send(503, b"Service Unavailable: too many connections\n",
