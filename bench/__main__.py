@@ -106,6 +106,9 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("1 churn", f"ratio attached/detached ({r['ratio']['n']} paired rounds)", _ratio(r["ratio"]),
                      f">= 0.97: {_mark(r['ratio']['median'] >= 0.97)}"))
         rows.append(("1 churn", "CPU per connection (system-wide) attached/detached", _ratio(r["cpu_ratio"]), ""))
+        rows.append(("1 churn", "agent process CPU during attached runs (cores)",
+                     f"{r['agent_cpu_cores_on']['median']:.3f} [{r['agent_cpu_cores_on']['min']:.3f} .. "
+                     f"{r['agent_cpu_cores_on']['max']:.3f}]", ""))
         rows.append(("1 churn", "generator CPU us/conn detached / attached (ratio)",
                      f"{r['gen_cpu_us_per_conn_off']['median']:.1f} / {r['gen_cpu_us_per_conn_on']['median']:.1f} "
                      f"({_ratio(r['gen_cpu_ratio'])})", ""))

@@ -65,9 +65,12 @@ def churn_phase(profile, span: _AgentSpan, attached: bool, rate: float = 0) -> d
         _quiet(profile)
         agent = None
     foreign = C.foreign_syscall_links([agent.pid] if agent else [])
+    a0 = agent.cpu_ns() if agent else 0
     res = C.loadgen("churn", profile.churn_servers, profile.churn_clients, profile.warmup,
                     profile.churn_seconds, rate, "127.0.0.10")
     res["foreign_links"] = foreign
+    # the agent's own CPU (its threads) over the whole run, warm-up included
+    res["agent_cpu_s"] = (agent.cpu_ns() - a0) / 1e9 if agent else 0.0
     if agent:
         span.ports.append(int(res["port"]))
         span.conns += res["conns"]
@@ -108,7 +111,7 @@ def _paired(profile, rates: list[float], rounds: int) -> dict[float, list[dict]]
     return rows
 
 
-def _churn_summary(rows: list[dict], rate: float, span) -> dict:
+def _churn_summary(profile, rows: list[dict], rate: float, span) -> dict:
     ratios = [p[True]["rate"] / p[False]["rate"] for p in rows]
     cpu_ratios = [p[True]["cpu_us_per_conn"] / p[False]["cpu_us_per_conn"] for p in rows]
     return {
@@ -126,6 +129,8 @@ def _churn_summary(rows: list[dict], rate: float, span) -> dict:
         "agent_startup_seconds": span.startups,
         "failed_connects": sum(p[a]["failed"] for p in rows for a in (False, True)),
         "foreign_links_max": max(p[a]["foreign_links"] for p in rows for a in (False, True)),
+        "agent_cpu_cores_on": C.summary([p[True]["agent_cpu_s"] / (p[True]["seconds"] + profile.warmup)
+                                         for p in rows]),
         "other_cpu_cores_off": C.summary([(p[False]["cpu_busy_s"] - p[False]["cpu_procs_s"]) / p[False]["seconds"]
                                           for p in rows]),
     }
@@ -133,12 +138,12 @@ def _churn_summary(rows: list[dict], rate: float, span) -> dict:
 
 def churn(profile) -> dict:
     rows = _paired(profile, [0], profile.rounds)
-    return _churn_summary(rows[0], 0, rows["span"])
+    return _churn_summary(profile, rows[0], 0, rows["span"])
 
 
 def churn_growth(profile) -> dict:
     rows = _paired(profile, list(profile.churn_rates), profile.growth_rounds)
-    return {str(rate): _churn_summary(rows[rate], rate, rows["span"]) for rate in profile.churn_rates}
+    return {str(rate): _churn_summary(profile, rows[rate], rate, rows["span"]) for rate in profile.churn_rates}
 
 
 # ---- 2: syscall-heavy loops ---------------------------------------------------------------
