@@ -55,7 +55,7 @@ PROFILES = {
     "quick": Profile("quick", rounds=2, warmup=0.3, churn_seconds=1.0, syscall_rounds=1,
                      syscall_seconds=0.4, churn_rates=(1000,), growth_rounds=1, levels=(1000, 5000),
                      holder_procs=2, scrapes=10, idle_window=1.0, baseline_reps=2, quiet_wait=0,
-                     pyspy_seconds=0),
+                     pyspy_seconds=0, agent_refresh=0.5),
     "smoke": Profile("smoke", rounds=1, warmup=0.2, churn_seconds=0.5, syscall_rounds=1,
                      syscall_seconds=0.2, churn_rates=(1000,), growth_rounds=1, levels=(500,),
                      holder_procs=2, scrapes=5, idle_window=0.5, baseline_reps=1, quiet_wait=0,
