@@ -183,6 +183,23 @@ class Chroot:
                 shutil.copy2(deb, tmp)
                 os.replace(tmp, dst / deb.name)
 
+    @contextlib.contextmanager
+    def readonly_view(self):
+        """The same root (with its /proc and /sys) read-only, a fresh tmpfs on /tmp."""
+        view = Path(tempfile.mkdtemp(prefix="bookworm-ro.", dir=self.path.parent))
+        try:
+            run(["mount", "--rbind", str(self.path), str(view)])
+            # private: the /tmp mount below must not propagate back into self.path
+            run(["mount", "--make-rprivate", str(view)])
+            run(["mount", "-o", "remount,bind,ro", str(view)])
+            run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "tmpfs", str(view / "tmp")])
+            yield type("View", (), {"path": view})()
+        finally:
+            subprocess.run(["umount", "-R", "-l", str(view)], capture_output=True)
+            if not any(line.split()[1].startswith(str(view))
+                       for line in Path("/proc/mounts").read_text().splitlines()):
+                view.rmdir()
+
     def close(self) -> None:
         for m in reversed(self._mounts):
             subprocess.run(["umount", "-l", str(m)], capture_output=True)

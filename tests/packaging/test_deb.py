@@ -287,7 +287,10 @@ class InstalledAgent:
 
     def __init__(self, root, caps: list[str], as_root: bool = False, strace_to: Path | None = None):
         self.port = _free_port()
-        shutil.copy(Path(__file__).parent / "mdwe_run.py", root.path / "tmp" / "mdwe_run.py")
+        helper = root.path / "usr/local/lib/connwatch-test/mdwe_run.py"
+        if not helper.exists():
+            helper.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(Path(__file__).parent / "mdwe_run.py", helper)
         if caps is None:  # root with whatever this test runs with
             ids = []
         elif as_root:
@@ -298,7 +301,7 @@ class InstalledAgent:
             ids = ["--reuid=connwatch", "--regid=connwatch", "--init-groups",
                    f"--inh-caps={c}", f"--ambient-caps={c}", f"--bounding-set={c}"]
         cmd = ["chroot", str(root.path), "setpriv", *ids, "--no-new-privs",
-               "python3", "/tmp/mdwe_run.py", "/usr/bin/connwatch", "run",
+               "python3", "/usr/local/lib/connwatch-test/mdwe_run.py", "/usr/bin/connwatch", "run",
                "--web.listen-address", f"127.0.0.1:{self.port}",
                "--config.file", "/etc/connwatch/connwatch.yml"]
         if strace_to is not None:
@@ -462,13 +465,23 @@ def test_installed_agent_attaches_with_exactly_the_units_capabilities(installed_
 
 
 def test_installed_agent_as_root_uid_with_only_the_bounding_set(installed_root, probes_as_root):
-    """The DaemonSet's model: uid 0, capabilities drop ALL + add the unit's list."""
+    """The DaemonSet's model: uid 0, capabilities drop ALL + add the unit's
+    list, on a read-only root filesystem with a writable /tmp only
+    (readOnlyRootFilesystem + the emptyDir; the unit's ProtectSystem=strict +
+    PrivateTmp= is the same for the agent)."""
     caps = cwpkg.unit_capabilities()
-    agent = InstalledAgent(installed_root, caps, as_root=True)
-    try:
-        _prove_attached_and_counting(agent, caps, probes_as_root)
-    finally:
-        agent.stop()
+    # make sure the helper is in the root before it turns read-only
+    (installed_root.path / "usr/local/lib/connwatch-test").mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).parent / "mdwe_run.py", installed_root.path / "usr/local/lib/connwatch-test/mdwe_run.py")
+    with installed_root.readonly_view() as view:
+        assert run(["chroot", str(view.path), "touch", "/usr/probe"], check=False).returncode != 0, \
+            "the view is not read-only"
+        agent = InstalledAgent(view, caps, as_root=True)
+        try:
+            _prove_attached_and_counting(agent, caps, probes_as_root)
+        finally:
+            agent.stop()
+        assert "Read-only file system" not in agent.output(), agent.output()
 
 
 # what the agent says or does without each of the unit's capabilities
