@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 import cwpkg
-from cwpkg import ROOT, UNIT, run
+from cwpkg import ROOT, run
 
 # a cold cache debootstraps and downloads every dependency inside the first
 # test that needs the clean root (pytest-timeout counts fixture set-up)
@@ -91,6 +91,9 @@ def test_contents(deb_path, deb_tree):
               "lib/systemd/system/connwatch.service", "usr/share/man/man1/connwatch.1.gz"):
         assert f in files, f
     assert os.access(deb_tree / "usr/bin/connwatch", os.X_OK)
+    # the unit's Documentation= points into the package
+    for ref in re.findall(r"file://(\S+)", (deb_tree / "lib/systemd/system/connwatch.service").read_text()):
+        assert ref.lstrip("/") in files, ref
     assert (deb_tree / "usr/share/connwatch/bpf/connwatch.bpf.o").read_bytes() == \
         (ROOT / "agent/connwatch/bpf/connwatch.bpf.o").read_bytes()
     # dashboards and alert rules: exactly what the tree had at build time
