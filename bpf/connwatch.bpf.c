@@ -118,6 +118,14 @@ struct {
 	__type(value, __u64);
 } map_full SEC(".maps");
 
+/* Scratch space for the first bytes of an exchange (too big for the stack). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, char[CW_PEEK_LEN]);
+} peek_buf SEC(".maps");
+
 /* Live entries of `socks` (hash maps do not report their size). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -473,6 +481,211 @@ static __always_inline void count_failure(void *map, __u32 map_id, long nr, long
 	add_u64(map, map_id, &key, 1);
 }
 
+/* ---- WebSocket classification (first exchange only) -------------------- */
+
+/* The user buffer of the read/write/send/recv syscall the current task is in. */
+static __always_inline const void *io_buffer(long nr, unsigned long arg, __u64 *len)
+{
+	struct user_msghdr msg;
+	struct iovec iov;
+
+	if (nr == __NR_read || nr == __NR_write || nr == __NR_recvfrom || nr == __NR_sendto)
+		return (const void *)arg;
+	if (nr == __NR_recvmsg || nr == __NR_sendmsg) {
+		if (bpf_probe_read_user(&msg, sizeof(msg), (void *)arg))
+			return NULL;
+		arg = (unsigned long)msg.msg_iov;
+	} else if (nr != __NR_readv && nr != __NR_writev) {
+		return NULL; /* io_uring, sendfile, splice, kernel sockets: not inspected */
+	}
+	/* vectored I/O: the first segment holds the start of the message */
+	if (bpf_probe_read_user(&iov, sizeof(iov), (void *)arg))
+		return NULL;
+	if (iov.iov_len < *len)
+		*len = iov.iov_len;
+	return iov.iov_base;
+}
+
+/* Copy up to CW_PEEK_LEN bytes the current syscall moved; returns the count. */
+static __always_inline __u32 peek_io(int ret, char **out)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	__u64 len = ret;
+	__u32 zero = 0;
+	const void *ubuf;
+	char *buf;
+
+	ubuf = io_buffer(syscall_nr(regs), PT_REGS_PARM2_CORE_SYSCALL(regs), &len);
+	buf = bpf_map_lookup_elem(&peek_buf, &zero);
+	if (!ubuf || !buf || len == 0)
+		return 0;
+	if (len > CW_PEEK_LEN)
+		len = CW_PEEK_LEN;
+	if (bpf_probe_read_user(buf, len, ubuf))
+		return 0;
+	*out = buf;
+	return len;
+}
+
+/*
+ * ASCII case folding without a branch (branches on data multiply verifier
+ * states): maps each letter to lower case; callers compare the result with
+ * lower-case letters only, or check punctuation on the raw byte.
+ */
+static __always_inline __u8 fold(char c)
+{
+	return (__u8)c | 0x20;
+}
+
+/* Eight characters as one big-endian word, for one-compare matching. */
+#define WORD8(a, b, c, d, e, f, g, h)                                             \
+	(((__u64)(a) << 56) | ((__u64)(b) << 48) | ((__u64)(c) << 40) |          \
+	 ((__u64)(d) << 32) | ((__u64)(e) << 24) | ((__u64)(f) << 16) |          \
+	 ((__u64)(g) << 8) | (__u64)(h))
+#define PEEK_MASK (CW_PEEK_LEN - 1)
+
+/*
+ * Does an HTTP request carry "Upgrade: websocket"? Slide an 8-byte window
+ * over the case-folded request looking for "upgrade:" at the start of a
+ * line, skip blanks, then require "websocket".
+ */
+extern int bpf_iter_num_new(struct bpf_iter_num *it, int start, int end) __ksym;
+extern int *bpf_iter_num_next(struct bpf_iter_num *it) __ksym;
+extern void bpf_iter_num_destroy(struct bpf_iter_num *it) __ksym;
+
+static __always_inline bool is_blank(char c)
+{
+	return c == ' ' || c == '\t';
+}
+
+static __always_inline bool requests_websocket(const char *buf, __u32 len)
+{
+	struct bpf_iter_num it;
+	__u64 win = 0;
+	__u32 at = 0; /* index just past "upgrade:", 0 if not found */
+	int *i;
+
+	/* an open-coded iterator: the verifier checks the body once, not per byte */
+	bpf_iter_num_new(&it, 0, len);
+	while ((i = bpf_iter_num_next(&it))) {
+		__u32 pos = *i & PEEK_MASK;
+
+		win = (win << 8) | fold(buf[pos]);
+		if (win == WORD8('u', 'p', 'g', 'r', 'a', 'd', 'e', ':') && buf[pos] == ':' &&
+		    pos >= 8 && buf[(pos - 8) & PEEK_MASK] == '\n') {
+			at = pos + 1;
+			break;
+		}
+	}
+	bpf_iter_num_destroy(&it);
+	if (!at)
+		return false;
+	/* optional whitespace */
+	if (at < len && is_blank(buf[at & PEEK_MASK]))
+		at++;
+	if (at < len && is_blank(buf[at & PEEK_MASK]))
+		at++;
+	if (at + 9 > len)
+		return false;
+	win = 0;
+	for (int k = 0; k < 8; k++)
+		win = (win << 8) | fold(buf[(at + k) & PEEK_MASK]);
+	return win == WORD8('w', 'e', 'b', 's', 'o', 'c', 'k', 'e') &&
+	       fold(buf[(at + 8) & PEEK_MASK]) == 't';
+}
+
+static __always_inline bool is_tls_client_hello(const char *buf, __u32 len)
+{
+	/* TLS record: handshake (22), version 3.x, then handshake type 1 */
+	return len >= 6 && buf[0] == 0x16 && buf[1] == 0x03 && buf[5] == 0x01;
+}
+
+/* "HTTP/1.x NNN": the status code, 0 if this is not an HTTP response. */
+static __always_inline __u16 http_status(const char *buf, __u32 len)
+{
+	if (len < 12 || buf[0] != 'H' || buf[1] != 'T' || buf[2] != 'T' || buf[3] != 'P' ||
+	    buf[4] != '/' || buf[8] != ' ')
+		return 0;
+	for (int i = 9; i < 12; i++)
+		if (buf[i] < '0' || buf[i] > '9')
+			return 0;
+	return (buf[9] - '0') * 100 + (buf[10] - '0') * 10 + (buf[11] - '0');
+}
+
+/* Move the open-connection count of s to another owner and/or kind. */
+static __always_inline void reassign(struct cw_sock *s, __u32 tgid, __u64 pstart, __u8 kind)
+{
+	conn_counts_add(s, -1, 0, 0);
+	s->tgid = tgid;
+	s->pstart = pstart;
+	s->kind = kind;
+	conn_counts_add(s, 1, 0, 0);
+}
+
+/*
+ * The process doing a connection's first I/O owns it: a server that
+ * accepts in one process and serves in another (Node's cluster module in
+ * round-robin mode passes the socket to a worker) is attributed to the worker.
+ */
+static __always_inline void take_ownership(struct cw_sock *s)
+{
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	__u64 pstart;
+
+	if (tgid == s->tgid)
+		return;
+	pstart = current_pstart();
+	note_current_process(pstart);
+	reassign(s, tgid, pstart, s->kind);
+}
+
+static __always_inline void count_upgrade(const struct cw_sock *s, __u16 status)
+{
+	struct cw_upgrade_key key = {
+		.pstart = s->pstart, .tgid = s->tgid, .lport = s->lport, .status = status,
+	};
+
+	add_u64(&upgrades, CW_MAP_UPGRADES, &key, 1);
+}
+
+/* Inbound bytes of a new connection: an upgrade request, TLS, or plain TCP. */
+static __always_inline void classify_request(struct cw_sock *s, int ret)
+{
+	char *buf = NULL;
+	__u32 len;
+
+	take_ownership(s);
+	s->class_state = CW_CLASS_DONE;
+	len = peek_io(ret, &buf);
+	if (!len || !buf)
+		return;
+	if (is_tls_client_hello(buf, len)) {
+		reassign(s, s->tgid, s->pstart, CW_KIND_TLS);
+		return;
+	}
+	if (len > 4 && buf[0] == 'G' && buf[1] == 'E' && buf[2] == 'T' && buf[3] == ' ' &&
+	    requests_websocket(buf, len))
+		s->class_state = CW_CLASS_UPGRADE_REQ;
+}
+
+/* Outbound bytes after an upgrade request: 101 makes a WebSocket. */
+static __always_inline void classify_response(struct cw_sock *s, int ret)
+{
+	char *buf = NULL;
+	__u32 len = peek_io(ret, &buf);
+	__u16 status;
+
+	s->class_state = CW_CLASS_DONE;
+	if (!len || !buf)
+		return;
+	status = http_status(buf, len);
+	if (!status)
+		return;
+	count_upgrade(s, status);
+	if (status == 101)
+		reassign(s, s->tgid, s->pstart, CW_KIND_WEBSOCKET);
+}
+
 /* ---- programs ---------------------------------------------------------- */
 
 /*
@@ -567,5 +780,44 @@ int BPF_PROG(cw_process_exit, struct task_struct *task)
 	p = bpf_map_lookup_elem(&procs, &tgid);
 	if (p && p->pstart == BPF_CORE_READ(task, group_leader, start_boottime))
 		bpf_map_delete_elem(&procs, &tgid);
+	return 0;
+}
+
+/*
+ * Data moved on a socket. For tracked connections still being classified,
+ * look at the bytes; for everything else this is one hash lookup.
+ */
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(cw_sock_recv, struct sock *sk, int ret, int flags)
+{
+	__u64 key = (__u64)sk;
+	struct cw_sock *s;
+
+	if (ret <= 0)
+		return 0;
+	s = bpf_map_lookup_elem(&socks, &key);
+	if (s && s->class_state == CW_CLASS_NEW)
+		classify_request(s, ret);
+	return 0;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(cw_sock_send, struct sock *sk, int ret, int flags)
+{
+	__u64 key = (__u64)sk;
+	struct cw_sock *s;
+
+	if (ret <= 0)
+		return 0;
+	s = bpf_map_lookup_elem(&socks, &key);
+	if (!s || s->class_state == CW_CLASS_DONE)
+		return 0;
+	if (s->class_state == CW_CLASS_UPGRADE_REQ) {
+		classify_response(s, ret);
+	} else {
+		/* the server spoke first: not an HTTP upgrade */
+		take_ownership(s);
+		s->class_state = CW_CLASS_DONE;
+	}
 	return 0;
 }

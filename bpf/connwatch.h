@@ -18,7 +18,7 @@
 #define CW_ADDR_LEN 16		/* IPv6, or IPv4-mapped IPv6 (::ffff:a.b.c.d) */
 #define CW_HIST_BUCKETS 32	/* log2(seconds) buckets: [0,1), [1,2), [2,4) ... */
 #define CW_WS_PORTS_MAX 16
-#define CW_PEEK_LEN 256		/* bytes of the first request/response examined */
+#define CW_PEEK_LEN 512		/* bytes of a first request/response examined */
 
 /* What a connection turned out to be, decided from its first exchange. */
 enum cw_kind {
