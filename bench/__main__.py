@@ -262,9 +262,28 @@ def main(argv=None) -> int:
     C.install_signal_handlers()
     t_start = time.monotonic()
     res = {"machine": machine(), "settings": dataclasses.asdict(profile), "benchmarks": only,
-           "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])}
+           "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "errors": {}}
     from . import overhead, profile as prof, scale
 
+    def save(final: bool = False) -> None:
+        res["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
+        res["total_seconds"] = time.monotonic() - t_start
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(_clean(res), f, indent=1)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(markdown(table(res), res))
+
+    runners = {
+        "churn": lambda objs: overhead.churn(profile),
+        "syscall": lambda objs: overhead.syscall(profile, objs),
+        "bpfcost": lambda objs: overhead.bpfcost(profile, objs),
+        "scale": lambda objs: scale.scale(profile),
+        "churn-growth": lambda objs: overhead.churn_growth(profile),
+        "profile": lambda objs: prof.profile(profile, objs),
+    }
     try:
         objs = C.build()
         res["foreign_syscall_links_at_start"] = C.foreign_syscall_links()
@@ -272,29 +291,24 @@ def main(argv=None) -> int:
         for b in only:
             C.log(f"running {b} ({profile.name})")
             t0 = time.monotonic()
-            if b == "churn":
-                res[b] = overhead.churn(profile)
-            elif b == "syscall":
-                res[b] = overhead.syscall(profile, objs)
-            elif b == "bpfcost":
-                res[b] = overhead.bpfcost(profile, objs)
-            elif b == "scale":
-                res[b] = scale.scale(profile)
-            elif b == "churn-growth":
-                res[b] = overhead.churn_growth(profile)
-            elif b == "profile":
-                res[b] = prof.profile(profile, objs)
+            try:
+                res[b] = runners[b](objs)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as e:  # report it, clean up, go on with the next one
+                import traceback
+
+                traceback.print_exc()
+                res["errors"][b] = f"{type(e).__name__}: {e}"
+                C.cleanup()
             res.setdefault("seconds", {})[b] = time.monotonic() - t0
+            save()
     except KeyboardInterrupt:
         C.log("interrupted")
         return 130
     finally:
         C.cleanup()
-        res["machine"]["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
-        res["total_seconds"] = time.monotonic() - t_start
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(_clean(res), f, indent=1)
+        save()
     rows = table(res)
     m = res["machine"]
     print(f"connwatch bench ({profile.name}) {m['date']}  nproc={m['nproc']} kernel={m['kernel']} cpu={m['cpu']}"
@@ -312,10 +326,9 @@ def main(argv=None) -> int:
             print(f"\nperf profile {k} (top symbols, % of the generator's CPU samples):")
             print("\n".join(p["top"][:15]))
             print("  by category: " + ", ".join(f"{c} {v:.1f}%" for c, v in p["categories_pct"].items()))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(markdown(rows, res))
-    return 0
+    for b, e in res["errors"].items():
+        print(f"\nbench: {b} FAILED: {e}")
+    return 1 if res["errors"] else 0
 
 
 if __name__ == "__main__":
