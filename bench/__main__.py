@@ -71,7 +71,16 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": os.cpu_count(),
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=C.ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return {"git_head": git("rev-parse", "--short", "HEAD"),
+            # the agent is measured as it is in the working tree
+            "git_uncommitted": git("status", "--short", "--", "agent", "bpf").splitlines(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "nproc": os.cpu_count(),
             "kernel": platform.release(), "cpu": cpu, "loadavg_start": open("/proc/loadavg").read().split()[:3]}
 
 
@@ -198,7 +207,10 @@ def markdown(rows, res: dict | None = None) -> str:
     out = []
     if res:
         m = res["machine"]
-        out += [f"Run: `{res['command']}`, {m['date']}, {res.get('total_seconds', 0):.0f} s. "
+        dirty = m.get("git_uncommitted") or []
+        out += [f"Run: `{res['command']}`, {m['date']}, {res.get('total_seconds', 0):.0f} s, "
+                f"tree at {m.get('git_head')}" + (f" plus uncommitted changes to {', '.join(x.split()[-1] for x in dirty)}"
+                                                  if dirty else "") + ". "
                 f"Machine: nproc={m['nproc']}, kernel {m['kernel']}, CPU {m['cpu']}; "
                 f"load average {' '.join(m['loadavg_start'])} at the start, "
                 f"{' '.join(m.get('loadavg_end', []))} at the end; "
