@@ -227,6 +227,10 @@ def markdown(rows, res: dict | None = None) -> str:
                         f"{'inclusive':>9}  {'function':<58} {'self':>6}  function"]
                 for (k, v), (k2, v2) in zip(spy["inclusive_pct"][:15], spy["self_pct"][:15]):
                     out.append(f"{v:8.1f}%  {k:<58} {v2:5.1f}%  {k2}")
+                for name, t in spy.get("threads", {}).items():
+                    out += ["", f"{name}: {t['share_pct']}% of the samples; within it:"]
+                    for (k, v), (k2, v2) in zip(t["inclusive_pct"][:15], t["self_pct"][:15]):
+                        out.append(f"{v:8.1f}%  {k:<58} {v2:5.1f}%  {k2}")
                 out.append("```")
         for k, p in res.get("profile", {}).items():
             out += ["", f"perf, `{k}` (top symbols, % of the load generator's CPU samples):", "", "```"]
@@ -333,6 +337,10 @@ def main(argv=None) -> int:
                   f"({spy['samples']} samples, all threads): inclusive / self %")
             for (k, v), (k2, v2) in zip(spy["inclusive_pct"][:15], spy["self_pct"][:15]):
                 print(f"  {v:5.1f}% {k:<60} {v2:5.1f}% {k2}")
+            for name, t in spy.get("threads", {}).items():
+                print(f"  -- {name}: {t['share_pct']}% of the samples; within it:")
+                for (k, v), (k2, v2) in zip(t["inclusive_pct"][:15], t["self_pct"][:15]):
+                    print(f"  {v:5.1f}% {k:<60} {v2:5.1f}% {k2}")
     if "profile" in res:
         for k, p in res["profile"].items():
             print(f"\nperf profile {k} (top symbols, % of the generator's CPU samples):")

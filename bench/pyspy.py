@@ -25,22 +25,40 @@ def _key(frame: str) -> str:
     return f"{where.split(':')[0].rsplit('/', 1)[-1]}:{name}" if where else frame
 
 
+# sub-profiles: the samples whose stack contains this function
+THREADS = {"refresh thread (snapshot build)": "_refresh_loop", "HTTP (scrapes)": "_serve_conn"}
+
+
 def summarize(raw: Path, top: int = 20) -> dict:
     incl, leaf, total = Counter(), Counter(), 0
+    sub = {name: [Counter(), Counter(), 0] for name in THREADS}
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
         n = int(n)
-        total += n
         frames = [_key(f) for f in stack.split(";") if not f.startswith(("thread (", "process "))]
         if not frames:
             continue
+        total += n
         for f in set(frames):
             incl[f] += n
         leaf[frames[-1]] += n
-    pct = lambda c: [(k, round(v * 100 / max(total, 1), 1)) for k, v in c.most_common(top)]  # noqa: E731
-    return {"samples": total, "inclusive_pct": pct(incl), "self_pct": pct(leaf)}
+        for name, marker in THREADS.items():
+            if any(f.endswith(marker) for f in frames):
+                si, sl, _ = sub[name]
+                for f in set(frames):
+                    si[f] += n
+                sl[frames[-1]] += n
+                sub[name][2] += n
+
+    def pct(c, of):
+        return [(k, round(v * 100 / max(of, 1), 1)) for k, v in c.most_common(top)]
+
+    return {"samples": total, "inclusive_pct": pct(incl, total), "self_pct": pct(leaf, total),
+            "threads": {name: {"samples": n, "share_pct": round(n * 100 / max(total, 1), 1),
+                               "inclusive_pct": pct(si, n), "self_pct": pct(sl, n)}
+                        for name, (si, sl, n) in sub.items()}}
 
 
 def profile_scrapes(agent: C.Agent, seconds: float) -> dict:
