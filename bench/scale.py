@@ -21,6 +21,7 @@ from pathlib import Path
 from . import common as C
 
 PER_PROCESS_MAX = 19000
+SERVER_PORTS = (21000, 21999)  # holders listen on the first free port of 21000+100*i ... +99
 
 
 class Holders:
@@ -28,7 +29,10 @@ class Holders:
         self.servers, self.clients, self.ports, self.accepted = [], [], [], []
         self.opened = [0] * nproc
         for i in range(nproc):
-            s = C.spawn([C.LOADGEN, "hold-server", PER_PROCESS_MAX], stdout=subprocess.PIPE, text=True, bufsize=1)
+            # a service port below the ephemeral range, as real servers have
+            # (accepted sockets then stay out of the agent's port-use dump)
+            s = C.spawn([C.LOADGEN, "hold-server", PER_PROCESS_MAX, SERVER_PORTS[0] + 100 * i, SERVER_PORTS[0] + 100 * i + 99],
+                        stdout=subprocess.PIPE, text=True, bufsize=1)
             first = s.stdout.readline().split()
             if first[:1] != ["port"]:
                 raise RuntimeError(f"hold-server: {first}")

@@ -14,8 +14,9 @@
  *       (tcp: 1-byte write + read over one established loopback TCP connection)
  *       Prints: iters=N seconds=S ns_per_iter=X (wall, per process)
  *       cpu_ns_per_iter=Y (CPU time the loops got, per iteration) ...
- *   loadgen hold-server MAX
- *       Listens on 127.0.0.1:<any>, prints "port P", then accepts and keeps up
+ *   loadgen hold-server MAX [PORT_LO PORT_HI]
+ *       Listens on 127.0.0.1 (first free port of the range, else any port),
+ *       prints "port P", then accepts and keeps up
  *       to MAX connections, printing "accepted N" whenever the queue drains.
  *   loadgen hold-client SRC_IP PORT
  *       For each line "N" on stdin opens N more connections SRC_IP -> 127.0.0.1:PORT
@@ -115,20 +116,33 @@ static void child_dies_with_parent(void)
 	prctl(PR_SET_PDEATHSIG, SIGKILL);
 }
 
-static int listener(int backlog, int *port)
+/* A loopback listener on the first free port of [lo, hi], or on any port if lo == 0. */
+static int listener_in(int backlog, int *port, int lo, int hi)
 {
 	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(a);
-	int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0);
+	int one = 1, fd = socket(AF_INET, SOCK_STREAM, 0), p = lo;
 
 	if (fd < 0)
 		die("socket");
 	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-	if (bind(fd, (struct sockaddr *)&a, sizeof(a)) || listen(fd, backlog))
-		die("bind/listen");
+	for (;;) {
+		a.sin_port = htons(p);
+		if (bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0)
+			break;
+		if (errno != EADDRINUSE || lo == 0 || ++p > hi)
+			die("bind");
+	}
+	if (listen(fd, backlog))
+		die("listen");
 	getsockname(fd, (struct sockaddr *)&a, &len);
 	*port = ntohs(a.sin_port);
 	return fd;
+}
+
+static int listener(int backlog, int *port)
+{
+	return listener_in(backlog, port, 0, 0);
 }
 
 static int connect_from(struct in_addr src, int port)
@@ -300,7 +314,8 @@ static int cmd_sysloop(int argc, char **argv)
 
 static __attribute__((noreturn)) int cmd_hold_server(int argc, char **argv)
 {
-	int max = argc > 2 ? atoi(argv[2]) : 19000, port, lfd = listener(4096, &port), n = 0;
+	int max = argc > 2 ? atoi(argv[2]) : 19000, port, n = 0;
+	int lfd = listener_in(4096, &port, argc > 4 ? atoi(argv[3]) : 0, argc > 4 ? atoi(argv[4]) : 0);
 	struct pollfd pfd = { .fd = lfd, .events = POLLIN };
 
 	fcntl(lfd, F_SETFL, O_NONBLOCK);
