@@ -16,7 +16,6 @@ import re
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
 
 from . import common as C
 
