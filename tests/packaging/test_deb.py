@@ -114,6 +114,21 @@ def test_contents(deb_path, deb_tree):
     assert "adduser --system" in postinst and "connwatch" in postinst
 
 
+def test_builds_without_dashboards_or_docs(tmp_path):
+    """A tree without generated dashboards, alert rules or docs still builds
+    (the rules install whatever exists at build time)."""
+    tree = tmp_path / "tree"
+    for part in ("agent", "packaging"):
+        shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copy(ROOT / "pyproject.toml", tree / "pyproject.toml")
+    deb = cwpkg.run([str(tree / "packaging/build-deb.sh")], timeout=300,
+                    env=dict(os.environ, CONNWATCH_DEB_OUT=str(tmp_path / "out"))).stdout.split()[-1]
+    listing = run(["dpkg-deb", "-c", deb]).stdout
+    assert "usr/share/connwatch/bpf/connwatch.bpf.o" in listing
+    assert "usr/share/connwatch/dashboards" not in listing and "usr/share/connwatch/alerts" not in listing
+    assert not any(p.exists() for p in (tree / "dashboards", tree / "docs"))
+
+
 def test_default_config_documents_every_key(deb_tree):
     import dataclasses
 
