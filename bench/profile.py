@@ -70,6 +70,20 @@ def profile(profile, objs) -> dict:
     finally:
         b.close()
     C.wait_quiet(profile.quiet_wait)
+    b = C.Bpf(objs["empty"])
+    try:
+        out["getppid_empty"] = _perf("getppid-empty", getppid)
+    finally:
+        b.close()
+    with C.tracefs():
+        from .overhead import _alt_programs
+
+        b = C.Bpf(objs["alt"], only=set(_alt_programs(objs)))
+        try:
+            out["getppid_alt"] = _perf("getppid-alt", getppid)
+        finally:
+            b.close()
+    C.wait_quiet(profile.quiet_wait)
     out["churn_none"] = _perf("churn-none", churn)
     agent = C.Agent(tag="profile")
     try:
