@@ -346,6 +346,8 @@ def main(argv=None) -> int:
             print(f"\nperf profile {k} (top symbols, % of the generator's CPU samples):")
             print("\n".join(p["top"][:15]))
             print("  by category: " + ", ".join(f"{c} {v:.1f}%" for c, v in p["categories_pct"].items()))
+    if res.get("scale", {}).get("error"):
+        res["errors"]["scale"] = res["scale"]["error"]
     for b, e in res["errors"].items():
         print(f"\nbench: {b} FAILED: {e}")
     return 1 if res["errors"] else 0

@@ -283,7 +283,12 @@ def scale(profile) -> dict:
         out = {"holder_processes": nproc, "agent_startup_seconds": agent.startup_seconds,
                "agent_probes": agent.probes, "levels": []}
         for level in levels:
-            out["levels"].append(measure_level(profile, agent, holders, level))
+            try:
+                out["levels"].append(measure_level(profile, agent, holders, level))
+            except Exception as e:  # keep the levels measured so far
+                C.log(f"scale {level}: FAILED: {e}")
+                out["error"] = f"{level} connections: {type(e).__name__}: {e}"
+                break
         return out
     finally:
         if holders:
