@@ -288,13 +288,13 @@ static __always_inline bool is_tcp_inet(const struct sock *sk)
 static __always_inline void read_peer(const struct sock *sk, __u8 peer[CW_ADDR_LEN])
 {
 	if (BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6) {
-		BPF_CORE_READ_INTO(peer, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		bpf_core_read(peer, CW_ADDR_LEN, &sk->__sk_common.skc_v6_daddr);
 		return;
 	}
 	__builtin_memset(peer, 0, CW_ADDR_LEN);
 	peer[10] = 0xff;
 	peer[11] = 0xff;
-	BPF_CORE_READ_INTO(&peer[12], sk, __sk_common.skc_daddr);
+	bpf_core_read(&peer[12], 4, &sk->__sk_common.skc_daddr);
 }
 
 /*

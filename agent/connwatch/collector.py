@@ -12,11 +12,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
 from .config import Config
+from .headroom import headroom_metrics
 from .snapshot import Process, Snapshot
 
 OTHER = Process(0, "other", "")
@@ -133,6 +134,42 @@ class ConnwatchCollector(Collector):
         for port, n in sorted(s.overflow_drops.items()):
             drops.add_metric([str(port)], n)
         yield drops
+
+        upgrades = CounterMetricFamily("connwatch_websocket_upgrades",
+                                       "WebSocket upgrade requests answered, by HTTP status (101 = accepted).",
+                                       labels=PROC_LABELS + ["port", "status"])
+        yield _summed(upgrades, (((*_proc_labels(who(pid)), str(port), str(status)), n)
+                                 for (pid, port, status), n in s.upgrades.items()))
+        yield from self._durations(s)
+        yield from self._peers(s)
+        if s.headroom is not None:
+            yield from headroom_metrics(s.headroom, lambda pid: tuple(_proc_labels(who(pid))))
+
+    def _durations(self, s: Snapshot) -> Iterator[Metric]:
+        hist = HistogramMetricFamily("connwatch_connection_duration_seconds",
+                                     "Lifetime of accepted connections at TCP_CLOSE (log2 buckets, in-kernel).",
+                                     labels=["port", "kind"])
+        for (port, kind), (buckets, total, count) in sorted(s.durations.items()):
+            hist.add_metric([str(port), kind], [(f"{le:g}", n) for le, n in buckets] + [("+Inf", count)],
+                            sum_value=total)
+        yield hist
+
+    def _peers(self, s: Snapshot) -> Iterator[Metric]:
+        top = GaugeMetricFamily("connwatch_peer_connections",
+                                f"Open connections of the top-{self._cfg.peers.top_k} peers per local port.",
+                                labels=["port", "peer"])
+        distinct = GaugeMetricFamily("connwatch_peers", "Distinct peers with open connections per local port.",
+                                     labels=["port"])
+        busiest = GaugeMetricFamily("connwatch_peer_connections_max",
+                                    "Open connections of the busiest peer per local port.", labels=["port"])
+        for port, st in sorted(s.peers.items()):
+            distinct.add_metric([str(port)], st.distinct)
+            busiest.add_metric([str(port)], st.busiest)
+            for peer, n in st.top:
+                top.add_metric([str(port), peer], n)
+        yield top
+        yield distinct
+        yield busiest
 
     # ---- BPF side -------------------------------------------------------------
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
+import hmac
 import logging
 import time
 from collections import defaultdict
@@ -15,7 +17,8 @@ from dataclasses import dataclass, field
 
 from . import bpf_types as T
 from . import procinfo
-from .config import Config
+from .config import Config, peer_network
+from .headroom import HeadroomSnapshot, read_headroom
 from .libbpf import LibbpfError
 from .probes import PROBES, Probes
 
@@ -31,6 +34,13 @@ class Process:
     pid: int
     comm: str
     container: str
+
+
+@dataclass(frozen=True)
+class PeerStats:
+    distinct: int
+    busiest: int
+    top: tuple[tuple[str, int], ...]  # (peer label, open connections), largest first
 
 
 @dataclass
@@ -49,6 +59,13 @@ class Snapshot:
     listen_backlogs: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
     # port -> drops
     overflow_drops: dict[int, int] = field(default_factory=dict)
+    # (pid, port, HTTP status) -> WebSocket upgrade answers
+    upgrades: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    # (port, kind) -> (cumulative bucket counts by upper bound in seconds, sum seconds, count)
+    durations: dict[tuple[int, str], tuple[list[tuple[float, int]], float, int]] = field(default_factory=dict)
+    # port -> PeerStats
+    peers: dict[int, PeerStats] = field(default_factory=dict)
+    headroom: HeadroomSnapshot | None = None
     # map name -> (entries, capacity, full)
     maps: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     map_memory: dict[str, int] = field(default_factory=dict)
@@ -90,6 +107,7 @@ class SnapshotReader:
         fail_items = {name: list(maps[name].items(T.FailKey, ctypes.c_uint64))
                       for name in ("fd_failures", "port_exhaustion")}
         listener_items = list(maps["listeners"].items(ctypes.c_uint64, T.Listener))
+        upgrade_items = list(maps["upgrades"].items(T.UpgradeKey, ctypes.c_uint64))
         live = self._live_processes()
         used: set[tuple[int, int]] = set()
 
@@ -127,6 +145,19 @@ class SnapshotReader:
             if owner(v.tgid, v.pstart) is not None:
                 s.listen_backlogs[(v.tgid, v.lport)] = (v.backlog_requested, v.backlog_effective)
 
+        stale = []
+        for k, v in upgrade_items:
+            if owner(k.tgid, k.pstart) is None:
+                stale.append(k)
+                continue
+            s.upgrades[(k.tgid, k.lport, k.status)] = v
+        self._delete_stale(maps["upgrades"], stale)
+
+        for k, h in maps["durations"].items(T.DurationKey, T.DurationHist):
+            s.durations[(k.lport, KIND_NAMES.get(k.kind, "tcp"))] = _histogram(h)
+        s.peers = self._read_peers()
+        s.headroom = read_headroom(s.processes)
+
         drops: dict[int, int] = defaultdict(int)
         for k, v in maps["overflow_drops"].items(T.PortKey, ctypes.c_uint64):
             drops[k.lport] += v
@@ -139,6 +170,39 @@ class SnapshotReader:
         s.taken_at = time.time()
         s.build_seconds = time.monotonic() - t0
         return s
+
+    def _peer_label(self, raw) -> str:
+        peers = self.cfg.peers
+        addr = T.peer_address(raw)
+        net = peer_network(addr, peers)
+        label = str(addr) if net.prefixlen == net.max_prefixlen else str(net)
+        if peers.hash:
+            return hmac.new(peers.hash_key.encode(), label.encode(), hashlib.sha256).hexdigest()[:16]
+        return label
+
+    def _read_peers(self) -> dict[int, PeerStats]:
+        mp = self.probes.maps["peers"]
+        per_port: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        empty = []
+        for k, n in mp.items(T.PeerKey, ctypes.c_int64):
+            if n <= 0:
+                empty.append(k)
+                continue
+            per_port[k.lport][self._peer_label(k.peer)] += n
+        # Zero entries are pruned only under pressure: a delete can race with
+        # a concurrent accept from the same peer and lose its increment.
+        if len(empty) > mp.max_entries // 2:
+            for k in empty:
+                try:
+                    mp.delete(k)
+                except LibbpfError:
+                    pass
+        out = {}
+        k_top = self.cfg.peers.top_k
+        for port, counts in per_port.items():
+            ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            out[port] = PeerStats(len(counts), ranked[0][1], tuple(ranked[:k_top]))
+        return out
 
     def _delete_stale(self, mp, keys) -> None:
         """Drop counters of exited processes (double-checked against /proc)."""
@@ -179,3 +243,13 @@ def _raw(size: int) -> type:
     if size not in _RAW:
         _RAW[size] = ctypes.c_char * size
     return _RAW[size]
+
+
+def _histogram(h: T.DurationHist) -> tuple[list[tuple[float, int]], float, int]:
+    """Kernel log2 buckets (bucket i: [2^(i-1), 2^i) ms) as cumulative le buckets."""
+    cumulative, running = [], 0
+    # the last kernel bucket also holds everything longer: it becomes +Inf
+    for i in range(T.HIST_BUCKETS - 1):
+        running += h.buckets[i]
+        cumulative.append(((2 ** i) / 1000.0, running))
+    return cumulative, h.sum_ns / 1e9, h.count
