@@ -530,6 +530,16 @@ def test_listen_drop_alert_fires(e2e):
                  60, "ConnwatchListenQueueOverflow firing")[0]
     assert alert["labels"]["instance"] == e2e["instance"]
     assert alert["annotations"]["runbook_url"].endswith("/listen-queue-overflow.md")
+    somaxconn = Path("/proc/sys/net/core/somaxconn").read_text().strip()
+    assert f"(effective backlog 1, net.core.somaxconn {somaxconn})" in alert["annotations"]["description"]
+
+
+def test_accept_queue_alert_fires(e2e):
+    """The flooded listener's queue holds 2 with a backlog of 1: 200 % > 80 %."""
+    alert = poll(lambda: firing(e2e["prom"], "ConnwatchAcceptQueueFilling", pid=str(e2e["server"].pid),
+                                port=str(e2e["port"])), 15, "ConnwatchAcceptQueueFilling firing")[0]
+    assert float(alert["value"]) == 2
+    assert "holds 2 connections, 200% of its effective backlog of 1" in alert["annotations"]["description"]
 
 
 def test_fd_usage_alert_fires(e2e):
