@@ -23,21 +23,24 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 #define AF_INET 2
 #define AF_INET6 10
+#define S_IFMT 00170000
+#define S_IFSOCK 0140000
 
 /* Filled in by the loader before load. */
 const volatile __u16 websocket_ports[CW_WS_PORTS_MAX] = {};
 const volatile __u32 websocket_ports_len = 0;
 
 /*
- * Never read: it pulls the shared enums into the object's BTF, where the
- * agent checks its Python mirrors of them against this build.
+ * Never read: it pulls the shared enums (and the iterator's record) into the
+ * object's BTF, where the agent checks its Python mirrors against this build.
  */
 const volatile struct {
 	enum cw_kind kind;
 	enum cw_map_id map_id;
 	enum cw_syscall syscall;
 	enum cw_class_state class_state;
-} cw_btf_enums = {};
+	struct cw_listener_stat listener_stat;
+} cw_btf_anchor = {};
 
 /* Map capacities are placeholders: the loader sets them from configuration. */
 struct {
@@ -88,6 +91,14 @@ struct {
 	__type(key, struct cw_port_key);
 	__type(value, __u64);
 } overflow_drops SEC(".maps");
+
+/* Listening (netns, port) pairs found by the start-up seeding pass. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct cw_port_key);
+	__type(value, __u8);
+} seed_listen_ports SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -370,6 +381,8 @@ static __always_inline void record_duration(const struct cw_sock *s, __u64 now)
 	/* bucket i holds [2^(i-1), 2^i) ms; bucket 0 holds < 1 ms */
 	__u32 b = ms ? log2_u64(ms) + 1 : 0;
 
+	if (!s->accepted_ns)
+		return; /* seeded at start-up: its real age is unknown */
 	h = lookup_or_init(&durations, CW_MAP_DURATIONS, &key, &zero);
 	if (!h)
 		return;
@@ -819,5 +832,134 @@ int BPF_PROG(cw_sock_send, struct sock *sk, int ret, int flags)
 		take_ownership(s);
 		s->class_state = CW_CLASS_DONE;
 	}
+	return 0;
+}
+
+/* ---- iterators: start-up seeding and listener queues --------------------- */
+
+/* The process a task belongs to, recorded like note_current_process(). */
+static __always_inline void note_task_process(struct task_struct *task, __u32 tgid, __u64 pstart)
+{
+	struct cw_proc p = { .pstart = pstart };
+
+	BPF_CORE_READ_STR_INTO(&p.comm, task, group_leader, comm);
+	p.cgroup_id = BPF_CORE_READ(task, cgroups, dfl_cgrp, kn, id);
+	bpf_map_update_elem(&procs, &tgid, &p, BPF_NOEXIST);
+}
+
+/* The TCP socket behind an fd seen by a task_file iterator, if it is one. */
+static __always_inline struct sock *tcp_sock_of_file(struct file *file)
+{
+	struct socket *sock;
+	struct sock *sk;
+
+	if (!file || (BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
+		return NULL;
+	sock = BPF_CORE_READ(file, private_data);
+	sk = sock ? BPF_CORE_READ(sock, sk) : NULL;
+	return sk && is_tcp_inet(sk) ? sk : NULL;
+}
+
+/*
+ * Seeding, pass 1: every listening TCP socket held by any process, in
+ * every network namespace, as if we had seen its listen().
+ */
+SEC("iter/task_file")
+int cw_seed_listeners(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
+	struct cw_listener l = {};
+	struct cw_port_key port = {};
+	__u64 key = (__u64)sk;
+	__u8 one = 1;
+
+	if (!sk || BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN)
+		return 0;
+	l.tgid = task->tgid;
+	l.pstart = BPF_CORE_READ(task, group_leader, start_boottime);
+	l.netns = sock_netns(sk);
+	l.backlog_effective = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	l.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	l.family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	l.flags = CW_LISTENER_SEEDED;
+	note_task_process(task, l.tgid, l.pstart);
+	if (bpf_map_update_elem(&listeners, &key, &l, BPF_NOEXIST) == -E2BIG)
+		count_map_full(CW_MAP_LISTENERS);
+	port.netns = l.netns;
+	port.lport = l.lport;
+	bpf_map_update_elem(&seed_listen_ports, &port, &one, BPF_ANY);
+	return 0;
+}
+
+/*
+ * Seeding, pass 2: connections that already exist, accepted (their local
+ * port is a listening port of their namespace) and not yet closed.
+ */
+SEC("iter/task_file")
+int cw_seed_conns(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
+	struct cw_port_key port = {};
+	struct cw_sock s = {};
+	__u64 key = (__u64)sk;
+	int state;
+
+	if (!sk)
+		return 0;
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (state == TCP_LISTEN || state == TCP_CLOSE || state == TCP_SYN_SENT)
+		return 0;
+	port.netns = sock_netns(sk);
+	port.lport = local_port(sk);
+	if (!bpf_map_lookup_elem(&seed_listen_ports, &port))
+		return 0; /* an outbound connection */
+	s.tgid = task->tgid;
+	s.pstart = BPF_CORE_READ(task, group_leader, start_boottime);
+	s.lport = port.lport;
+	read_peer(sk, s.peer);
+	s.kind = is_websocket_port(s.lport) ? CW_KIND_WEBSOCKET : CW_KIND_TCP;
+	s.class_state = CW_CLASS_DONE; /* mid-stream: its first exchange is long gone */
+	if (bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST))
+		return 0; /* already tracked (shared with another process), or full */
+	note_task_process(task, s.tgid, s.pstart);
+	socks_live_add(1);
+	conn_counts_add(&s, 1, 0, 0);
+	peers_add(&s, 1);
+	/* closed while we looked: whoever deletes the entry accounts for it */
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE &&
+	    bpf_map_delete_elem(&socks, &key) == 0) {
+		socks_live_add(-1);
+		account_close(&s);
+	}
+	return 0;
+}
+
+/*
+ * Live accept-queue state of every known listener, in every namespace. A
+ * walk over every process's fds, because this kernel refuses
+ * iter/bpf_map_elem (EPERM) and iter/tcp sees one namespace only; the
+ * socket check is two loads, so the walk costs little more than the fds.
+ */
+SEC("iter/task_file")
+int cw_listener_stats(struct bpf_iter__task_file *ctx)
+{
+	struct sock *sk = ctx->task ? tcp_sock_of_file(ctx->file) : NULL;
+	struct cw_listener_stat out = {};
+	struct cw_listener *l;
+	__u64 key = (__u64)sk;
+
+	if (!sk)
+		return 0;
+	l = bpf_map_lookup_elem(&listeners, &key);
+	if (!l)
+		return 0;
+	out.l = *l;
+	out.queue_length = BPF_CORE_READ(sk, sk_ack_backlog);
+	out.backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	out.drops = BPF_CORE_READ(sk, sk_drops.counter);
+	out.state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	bpf_seq_write(ctx->meta->seq, &out, sizeof(out));
 	return 0;
 }

@@ -141,7 +141,18 @@ struct cw_listener {
 	__u32 backlog_effective;	/* sk_max_ack_backlog after listen() */
 	__u16 lport;
 	__u16 family;
-	__u32 _pad;
+	__u32 flags;		/* CW_LISTENER_* */
+};
+
+#define CW_LISTENER_SEEDED 1	/* found at start-up: listen()'s argument unknown */
+
+/* One record of the listener_stats iterator: a listener's live queue. */
+struct cw_listener_stat {
+	struct cw_listener l;
+	__u32 queue_length;	/* sk_ack_backlog: connections waiting for accept() */
+	__u32 backlog;		/* sk_max_ack_backlog: effective backlog */
+	__u32 drops;		/* sk_drops: SYNs (and more) dropped on this listener */
+	__u32 state;		/* TCP state; TCP_LISTEN unless closing */
 };
 
 /* overflow_drops: handshake ACKs dropped on a full accept queue. */

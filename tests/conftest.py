@@ -158,9 +158,13 @@ class ServerProcess:
             raise RuntimeError(f"server exited with {self.proc.wait()}")
         return line.strip()
 
-    def command(self, cmd: str) -> str:
+    def send(self, cmd: str) -> None:
+        """Start a command without waiting for its reply (see readline)."""
         self.proc.stdin.write(cmd + "\n")
         self.proc.stdin.flush()
+
+    def command(self, cmd: str) -> str:
+        self.send(cmd)
         return self.readline()
 
     def stop(self) -> None:

@@ -71,6 +71,8 @@ class Agent:
     def start(self) -> None:
         self._serve()
         self.probes = probes_mod.load_and_attach(self.cfg)
+        listeners, sockets = self.probes.seed()
+        log.info("seeded %d listeners and %d connections that predate the agent", listeners, sockets)
         log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(caps.AFTER_ATTACH)["effective"])) or "none")
         reader = SnapshotReader(self.probes, self.cfg)
         self._snapshot = reader.read()

@@ -100,8 +100,15 @@ class FailKey(ctypes.Structure):
 class Listener(ctypes.Structure):
     _fields_ = [
         ("pstart", u64), ("tgid", u32), ("netns", u32), ("backlog_requested", u32),
-        ("backlog_effective", u32), ("lport", u16), ("family", u16), ("_pad", u32),
+        ("backlog_effective", u32), ("lport", u16), ("family", u16), ("flags", u32),
     ]
+
+
+LISTENER_SEEDED = 1
+
+
+class ListenerStat(ctypes.Structure):
+    _fields_ = [("l", Listener), ("queue_length", u32), ("backlog", u32), ("drops", u32), ("state", u32)]
 
 
 class PortKey(ctypes.Structure):
@@ -132,6 +139,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "cw_proc": Proc,
     "cw_fail_key": FailKey,
     "cw_listener": Listener,
+    "cw_listener_stat": ListenerStat,
     "cw_port_key": PortKey,
     "cw_peer_key": PeerKey,
     "cw_upgrade_key": UpgradeKey,

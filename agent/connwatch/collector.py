@@ -123,11 +123,7 @@ class ConnwatchCollector(Collector):
                                       labels=PROC_LABELS + ["syscall"])
         yield _summed(exhaust, (((*_proc_labels(who(pid)), sc), n)
                                 for (pid, sc), n in s.port_exhaustion.items()))
-        requested = GaugeMetricFamily("connwatch_listen_backlog_requested",
-                                      "Backlog the application passed to listen() (the kernel caps it at net.core.somaxconn).",
-                                      labels=PROC_LABELS + ["port"])
-        yield _maxed(requested, (((*_proc_labels(who(pid)), str(port)), req)
-                                 for (pid, port), (req, _eff) in s.listen_backlogs.items()))
+        yield from self._listeners(s, who)
         drops = CounterMetricFamily("connwatch_listen_overflow_drops",
                                     "Handshake ACKs dropped because the listener's accept queue was full.",
                                     labels=["port"])
@@ -144,6 +140,27 @@ class ConnwatchCollector(Collector):
         yield from self._peers(s)
         if s.headroom is not None:
             yield from headroom_metrics(s.headroom, lambda pid: tuple(_proc_labels(who(pid))))
+
+    def _listeners(self, s: Snapshot, who: Callable[[int], Process]) -> Iterator[Metric]:
+        labels = PROC_LABELS + ["port"]
+        queue = GaugeMetricFamily("connwatch_listen_queue_length",
+                                  "Connections in the listener's accept queue, waiting for accept() (ss Recv-Q).",
+                                  labels=labels)
+        backlog = GaugeMetricFamily("connwatch_listen_backlog",
+                                    "Effective accept-queue size: listen()'s backlog capped at net.core.somaxconn "
+                                    "(ss Send-Q).", labels=labels)
+        drops = CounterMetricFamily("connwatch_listen_drops",
+                                    "Packets the listener dropped (sk_drops), chiefly SYNs refused on a full "
+                                    "accept queue.", labels=labels)
+        requested = GaugeMetricFamily("connwatch_listen_backlog_requested",
+                                      "Backlog the application passed to listen() (the kernel caps it at "
+                                      "net.core.somaxconn); absent for listeners that predate the agent.",
+                                      labels=labels)
+        rows = [((*_proc_labels(who(pid)), str(port)), st) for (pid, port), st in s.listeners.items()]
+        yield _summed(queue, ((lab, st.queue_length) for lab, st in rows))
+        yield _summed(backlog, ((lab, st.backlog) for lab, st in rows))
+        yield _summed(drops, ((lab, st.drops) for lab, st in rows))
+        yield _maxed(requested, ((lab, st.requested) for lab, st in rows if st.requested is not None))
 
     def _durations(self, s: Snapshot) -> Iterator[Metric]:
         hist = HistogramMetricFamily("connwatch_connection_duration_seconds",

@@ -60,6 +60,9 @@ _prog_autoload = _fn("bpf_program__autoload", ctypes.c_bool, _vp)
 _prog_fd = _fn("bpf_program__fd", _i, _vp)
 _prog_attach = _fn("bpf_program__attach", _vp, _vp)
 _link_destroy = _fn("bpf_link__destroy", _i, _vp)
+_prog_attach_iter = _fn("bpf_program__attach_iter", _vp, _vp, _vp)
+_link_fd = _fn("bpf_link__fd", _i, _vp)
+_iter_create = _fn("bpf_iter_create", _i, _i)
 _map_name = _fn("bpf_map__name", _cp, _vp)
 _map_fd = _fn("bpf_map__fd", _i, _vp)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", _i, _vp, _u32)
@@ -359,6 +362,23 @@ class Program:
 
     def attach(self) -> None:
         self._link = _check_ptr(_prog_attach(self._p), f"attach {self.name}")
+
+    def attach_iter(self) -> None:
+        """Attach an iterator program (task_file and other targets without options)."""
+        self._link = _check_ptr(_prog_attach_iter(self._p, None), f"attach iterator {self.name}")
+
+    def run_iter(self) -> bytes:
+        """Run an attached iterator once; returns everything it wrote."""
+        if self._link is None:
+            raise LibbpfError(errno.ENOLINK, f"{self.name} is not attached")
+        fd = _check(_iter_create(_link_fd(self._link)), f"create iterator {self.name}")
+        chunks = []
+        try:
+            while chunk := os.read(fd, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
 
     @property
     def attached(self) -> bool:

@@ -27,12 +27,13 @@ PROBES = {
     "cw_process_exit": "sched_process_exit",
     "cw_sock_send": "sock_send_length",
     "cw_sock_recv": "sock_recv_length",
-    "cw_seed_task_file": "seed_task_file",
+    "cw_seed_listeners": "seed_listeners",
+    "cw_seed_conns": "seed_connections",
     "cw_listener_stats": "listener_stats",
 }
 
-# iterator programs run on demand; they are loaded but not attached as probes
-ITERATORS = {"cw_seed_task_file", "cw_listener_stats"}
+# iterator programs: attached as iterator links, run on demand
+ITERATORS = {"cw_seed_listeners", "cw_seed_conns", "cw_listener_stats"}
 
 INSTALLED_OBJECT = "/usr/share/connwatch/bpf/connwatch.bpf.o"
 
@@ -89,6 +90,25 @@ class Probes:
     def maps(self):
         return self.obj.maps
 
+    def run_iterator(self, name: str) -> bytes | None:
+        """Output of an attached iterator program; None if it is not attached."""
+        prog = self.obj.programs.get(name)
+        return prog.run_iter() if prog is not None and prog.attached else None
+
+    def seed(self) -> tuple[int, int]:
+        """Record listeners and accepted connections that predate the agent.
+
+        Runs after the tracepoints are attached, so nothing falls between
+        the two; the BPF side inserts with BPF_NOEXIST, so sockets the
+        probes already track are left alone. Returns (listeners, sockets).
+        """
+        for name in ("cw_seed_listeners", "cw_seed_conns"):
+            if self.run_iterator(name) is None:
+                log.warning("start-up seeding skipped: %s is not attached", PROBES[name])
+        maps = self.obj.maps
+        return (sum(1 for _ in maps["listeners"].items(ctypes.c_uint64, bpf_types.Listener)),
+                sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64)))
+
     def close(self) -> None:
         self.obj.close()
 
@@ -139,14 +159,12 @@ def load_and_attach(cfg: Config) -> Probes:
     probes = Probes(obj, errors=dict(errors))
     for name, prog in obj.programs.items():
         probe = PROBES.get(name, name)
-        if name in ITERATORS:
-            continue
         if not prog.autoload:
             probes.enabled[probe] = False
             log.warning("probe %s disabled: %s", probe, errors.get(name, "not loaded"))
             continue
         try:
-            prog.attach()
+            prog.attach_iter() if name in ITERATORS else prog.attach()
             probes.enabled[probe] = True
         except LibbpfError as e:
             probes.enabled[probe] = False

@@ -25,6 +25,7 @@ from .probes import PROBES, Probes
 log = logging.getLogger("connwatch.snapshot")
 
 ERRNO_NAMES = {errno.EMFILE: "EMFILE", errno.ENFILE: "ENFILE", errno.EADDRNOTAVAIL: "EADDRNOTAVAIL"}
+TCP_LISTEN = 10
 KIND_NAMES = {k.value: k.name.lower() for k in T.Kind}
 SYSCALL_NAMES = {s.value: s.name.lower() for s in T.Syscall}
 
@@ -34,6 +35,14 @@ class Process:
     pid: int
     comm: str
     container: str
+
+
+@dataclass(frozen=True)
+class ListenerState:
+    queue_length: int
+    backlog: int
+    drops: int
+    requested: int | None  # None: the listener predates the agent
 
 
 @dataclass(frozen=True)
@@ -55,8 +64,8 @@ class Snapshot:
     fd_failures: dict[tuple[int, str, str], int] = field(default_factory=dict)
     # (pid, syscall) -> count
     port_exhaustion: dict[tuple[int, str], int] = field(default_factory=dict)
-    # (pid, port) -> (requested, effective)
-    listen_backlogs: dict[tuple[int, int], tuple[int, int]] = field(default_factory=dict)
+    # (pid, port) -> ListenerState (one listener per (pid, port) after de-duplication)
+    listeners: dict[tuple[int, int], ListenerState] = field(default_factory=dict)
     # port -> drops
     overflow_drops: dict[int, int] = field(default_factory=dict)
     # (pid, port, HTTP status) -> WebSocket upgrade answers
@@ -106,7 +115,7 @@ class SnapshotReader:
         conn_items = list(maps["conn_counts"].items(T.ConnKey, T.ConnCounts))
         fail_items = {name: list(maps[name].items(T.FailKey, ctypes.c_uint64))
                       for name in ("fd_failures", "port_exhaustion")}
-        listener_items = list(maps["listeners"].items(ctypes.c_uint64, T.Listener))
+        listener_stats = self._read_listener_stats()
         upgrade_items = list(maps["upgrades"].items(T.UpgradeKey, ctypes.c_uint64))
         live = self._live_processes()
         used: set[tuple[int, int]] = set()
@@ -141,9 +150,21 @@ class SnapshotReader:
                 target[key] = target.get(key, 0) + v
             self._delete_stale(maps[mapname], stale)
 
-        for _, v in listener_items:
-            if owner(v.tgid, v.pstart) is not None:
-                s.listen_backlogs[(v.tgid, v.lport)] = (v.backlog_requested, v.backlog_effective)
+        for st in listener_stats:
+            l = st.l
+            if st.state != TCP_LISTEN or owner(l.tgid, l.pstart) is None:
+                continue
+            key = (l.tgid, l.lport)
+            prev = s.listeners.get(key)
+            # IPv4 and IPv6 listeners on one port (or one shared by forked
+            # workers) add up, as the kernel's queues do
+            s.listeners[key] = ListenerState(
+                queue_length=st.queue_length + (prev.queue_length if prev else 0),
+                backlog=st.backlog + (prev.backlog if prev else 0),
+                drops=st.drops + (prev.drops if prev else 0),
+                requested=None if l.flags & T.LISTENER_SEEDED else max(
+                    l.backlog_requested, (prev.requested or 0) if prev else 0),
+            )
 
         stale = []
         for k, v in upgrade_items:
@@ -170,6 +191,20 @@ class SnapshotReader:
         s.taken_at = time.time()
         s.build_seconds = time.monotonic() - t0
         return s
+
+    def _read_listener_stats(self) -> list[T.ListenerStat]:
+        """Live queue state of known listeners, de-duplicated: a listener shared
+        by several processes (fork) is seen once per process holding it."""
+        raw = self.probes.run_iterator("cw_listener_stats") or b""
+        size = ctypes.sizeof(T.ListenerStat)
+        seen, out = set(), []
+        for off in range(0, len(raw) - size + 1, size):
+            st = T.ListenerStat.from_buffer_copy(raw, off)
+            ident = (st.l.netns, st.l.family, st.l.lport, st.l.tgid)
+            if ident not in seen:
+                seen.add(ident)
+                out.append(st)
+        return out
 
     def _peer_label(self, raw) -> str:
         peers = self.cfg.peers

@@ -1,0 +1,53 @@
+"""Correct after a restart: connections and listeners that exist when the agent
+starts are counted on its first scrape (seeded from every process's fd table
+by BPF iterators), and nothing of a previous run is left behind."""
+
+from __future__ import annotations
+
+import socket
+
+
+def connect_accepted(srv, port: int, n: int) -> list[socket.socket]:
+    """n connections the server has accepted (it accepts while we connect)."""
+    srv.send(f"accept {n}")
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    assert srv.readline() == f"accepted {n}"
+    return clients
+
+
+def test_counts_exact_on_first_scrape_across_restarts(start_agent, server):
+    srv = server("--backlog", "4096")
+    (port,) = srv.ports
+    pid = srv.pid
+    clients = connect_accepted(srv, port, 5000)
+
+    first = start_agent()
+    m = first.scrape()
+    assert m.value("connwatch_connections", pid=pid, port=port, kind="tcp") == 5000
+    assert m.value("connwatch_listen_backlog", pid=pid, port=port) == 4096
+    # a listener found at start-up has no known listen() argument
+    assert m.value("connwatch_listen_backlog_requested", pid=pid, port=port) is None
+    assert m.value("connwatch_peer_connections", port=port, peer="127.0.0.1") == 5000
+    # seeded connections were not accepted while we watched
+    assert m.value("connwatch_connections_accepted_total", pid=pid, port=port) == 0
+    first.stop()
+
+    # while no agent runs: half close, others open
+    assert srv.command("close 2500") == "closed 2500"
+    for c in clients[-2500:]:
+        c.close()
+    del clients[-2500:]
+    clients += connect_accepted(srv, port, 1000)
+
+    second = start_agent()
+    m = second.scrape()
+    assert m.value("connwatch_connections", pid=pid, port=port, kind="tcp") == 3500
+    assert m.value("connwatch_peer_connections", port=port, peer="127.0.0.1") == 3500
+    # and it keeps counting from there
+    assert srv.command("close 500") == "closed 500"
+    second.wait_for_value("connwatch_connections", 3000, pid=pid, port=port)
+    m = second.wait_for_value("connwatch_connections_closed_total", 500, pid=pid, port=port)
+    # closing a seeded connection records no duration: its age is unknown
+    assert not m.value("connwatch_connection_duration_seconds_count", port=port, kind="tcp")
+    for c in clients:
+        c.close()
