@@ -293,7 +293,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str(dumper, data: str):
-    style = "|" if "\n" in data else None
+    """Multi-line expressions as literal blocks, long annotations folded (no quote escaping)."""
+    style = "|" if "\n" in data else ">" if len(data) > 80 else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", data, style=style)
 
 
@@ -308,4 +309,6 @@ def render(p: Params = DEFAULT) -> str:
     problems = check_rules(doc)
     if problems:
         raise ValueError("invalid alert rules:\n  " + "\n  ".join(problems))
-    return HEADER + yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+    text = yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100, allow_unicode=True)
+    assert yaml.safe_load(text) == doc, "YAML rendering changed a rule"
+    return HEADER + text
