@@ -1,22 +1,27 @@
 """End to end: real agent -> real Prometheus -> every dashboard query and the key alerts.
 
-One module-scoped stack, built once (~10 s):
+One module-scoped stack, built once (~10 s once the agent is up):
   * the connwatch agent, attached to the real kernel;
   * Debian's /usr/bin/prometheus scraping it every second and evaluating the
     generated alert rules every second (rendered from dashboards/params.py with
     every `for:` set to 0s, into a temp file);
   * a WebSocket server child (Python `websockets`, per-IP cap answering 429)
     with a soft RLIMIT_NOFILE of 64 and a listen backlog of 1. The test opens
-    real WebSocket connections from 127.0.0.2-4 (some refused with 429, some
-    closed again), makes the child hold >80 % of its fd limit, drives it into
-    EMFILE, then stops it accepting and floods its full accept queue (SYN
+    real WebSocket connections from 127.0.0.2-4 (some refused with 429, two
+    closed again), makes the child hold 58 fds (>80 % of its limit), drives it
+    into EMFILE, then stops it accepting and overflows its accept queue (SYN
     drops, and handshake-ACK drops with the trick explained in `flood()`);
   * a child in its own network namespace that runs out of local ports
     (EADDRNOTAVAIL from connect()).
-Then every panel query of every generated dashboard JSON is evaluated through
-Prometheus's HTTP API, with the template variables set to that server's real
-instance, comm, pid and port, and must return data; the EMFILE, listen-drop
-and fd-usage alerts must reach `firing`.
+Then every panel query, template variable and annotation of every generated
+dashboard JSON is evaluated through Prometheus's HTTP API, with the template
+variables set to that server's real instance, comm, pid and port, and must
+return data; the numbers the panels show are compared with the ground truth;
+the EMFILE, listen-drop, fd-usage and accept-queue alerts must reach `firing`;
+and every metric of the contract (dashboards/metrics.py) must be served.
+
+CONNWATCH_E2E_BPF_OBJECT=path runs the agent with another BPF object (handy
+while the shared tree's object is being rebuilt).
 """
 
 from __future__ import annotations
