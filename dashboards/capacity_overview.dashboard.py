@@ -1,7 +1,7 @@
 """Capacity overview: per host, connections vs the limits that bound them."""
 
 from dashboards import metrics as m
-from dashboards.common import (INSTANCE, PORT, Layout, bargauge, make_dashboard, failure_annotations,
+from dashboards.common import (INSTANCE, PORT, Layout, bargauge, events_in, make_dashboard, failure_annotations,
                                headroom_thresholds, instance_var, port_var, sel, stat, target, timeseries,
                                usage_thresholds)
 from dashboards.params import DEFAULT, Params
@@ -40,7 +40,7 @@ def build(p: Params = DEFAULT):
          f"min(clamp_min(1 - {queue} / ({backlog} > 0), 0))", "percentunit", headroom),
         ("Upgrades refused (1h)", "WebSocket upgrades the servers answered with a status other than "
          "101 (429 per-IP cap, 503 global cap, ...) in the last hour.",
-         f'sum(increase({sel(m.WEBSOCKET_UPGRADES, INSTANCE, PORT, NOT_101)}[1h]))', "short",
+         events_in(sel(m.WEBSOCKET_UPGRADES, INSTANCE, PORT, NOT_101), "1h"), "short",
          [(None, "green"), (1, "orange")]),
     ]:
         lay.add(stat(title, desc, [target(expr, title)], unit, thresholds=thr), w=4, h=5)

@@ -33,6 +33,14 @@ def sel(metric: str, *matchers: str) -> str:
     return f"{metric}{{{', '.join(x for x in matchers if x)}}}" if any(matchers) else metric
 
 
+def events_in(selector: str, window: str) -> str:
+    """How many events a counter counted in `window`, including the first ones of series
+    born inside the window (the agent creates a series on its first event, non-zero, so
+    increase() alone would miss those)."""
+    return (f"(sum(increase({selector}[{window}])) or vector(0))"
+            f" + (sum({selector} unless {selector} offset {window}) or vector(0))")
+
+
 # --- template variables ---------------------------------------------------------
 
 def datasource_var() -> g.Template:
@@ -272,7 +280,7 @@ def make_dashboard(uid: str, title: str, description: str, layout: Layout, varia
     ).auto_panel_ids()
 
 
-__all__ = ["DEFAULT", "DS", "INSTANCE", "PID", "COMM", "PORT", "Layout", "sel", "target", "timeseries",
+__all__ = ["DEFAULT", "DS", "INSTANCE", "PID", "COMM", "PORT", "Layout", "sel", "events_in", "target", "timeseries",
            "stat", "bargauge", "heatmap", "BarGaugePanel", "HeatmapPanel", "make_dashboard",
            "failure_annotations", "instance_var", "comm_var", "pid_var", "port_var", "usage_thresholds",
            "headroom_thresholds", "limit_override"]

@@ -635,3 +635,23 @@ def test_contract_metric_is_served_under_load(served, name):
     """Every metric the dashboards and alerts are written against exists in Prometheus
     once the agent has seen this test's load (a missing one means empty panels)."""
     assert name in served, f"the agent serves no {name} series"
+
+
+PANEL_TRUTH = [  # (dashboard, panel title, value the panel must show now)
+    ("capacity_overview", "WebSocket connections", 6),
+    ("capacity_overview", "Upgrades refused (1h)", 2),
+    ("process_detail", "Connections", 6),
+    ("process_detail", "WebSocket connections", 6),
+    ("process_detail", "Open fds", FD_HOLD),
+    ("process_detail", "Fd soft limit", FD_LIMIT),
+]
+
+
+@pytest.mark.parametrize("dash,title,want", PANEL_TRUTH, ids=[f"{d}:{t}" for d, t, _ in PANEL_TRUTH])
+def test_stat_panel_shows_ground_truth(e2e, dash, title, want):
+    panel = next(p for p in json.loads((JSON_DIR / f"{dash}.json").read_text())["panels"] if p["title"] == title)
+    (t,) = panel["targets"]
+    expr = substitute(t["expr"], e2e["vars"])
+    # the 1h window reaches back before the agent started: the first events count via the birth term
+    poll(lambda: value_of(e2e["prom"], expr) is not None
+         and round(value_of(e2e["prom"], expr), 6) == want, 10, f"{title} == {want} ({expr})")
