@@ -325,6 +325,8 @@ def flood(port: int) -> list[socket.socket]:
     queue through SYN cookies, and let the request sock's SYN-ACK retransmit
     (~1 s later) bring an ACK that meets the full queue.
     """
+    cookies = Path("/proc/sys/net/ipv4/tcp_syncookies").read_text().strip()
+    assert cookies in ("1", "2"), f"the flood needs SYN cookies (net.ipv4.tcp_syncookies=1, is {cookies})"
     table = f"connwatch_e2e_{port}"
     clients = []
 
