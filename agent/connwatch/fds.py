@@ -4,7 +4,7 @@ Counting is O(1) on kernel >= 6.2: ``stat /proc/<pid>/fd`` reports the number
 of open fds as st_size (the popcount of the fd table's open bitmap), so a
 process with 100,000 fds costs one stat() instead of 100,000 directory
 entries. On older kernels st_size is 0 and we count directory entries.
-(Measurements: docs/metrics-headroom.md.)
+(Measurements: docs/metrics.md, "Headroom".)
 
 A process can exit between any two reads: every function returns None for a
 process that is gone or whose /proc entries we may not read.
