@@ -21,7 +21,7 @@ APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool make gcc libc6-dev \
 	python3 python3-venv python3-pip python3-prometheus-client python3-yaml \
 	python3-psutil python3-bcrypt iproute2 nftables procps curl openssl \
 	prometheus debootstrap lintian dpkg-dev fakeroot debhelper dh-python \
-	python3-setuptools python3-all systemd strace
+	python3-setuptools python3-all systemd strace systemd-container
 
 .PHONY: run test deps apt venv bpf node dashboards check-dashboards deb \
 	test-packaging bench soak clean
