@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 import cwpkg
+from cwpkg_fixtures import deb_path, deb_tree, installed_root  # noqa: F401  (fixtures)
 from cwpkg import ROOT, run
 
 # a cold cache debootstraps and downloads every dependency inside the first

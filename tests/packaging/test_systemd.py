@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import cwpkg
+from cwpkg_fixtures import deb_path  # noqa: F401  (fixtures)
 from test_deb import _free_port, _samples, _scrape, _descendants
 
 pytestmark = pytest.mark.timeout(1500)

@@ -1,5 +1,10 @@
 """Fixtures for the packaging tests: the .deb (built once per session) and a
-clean bookworm root with it installed."""
+clean bookworm root with it installed.
+
+Not a conftest.py: the other test modules do `from conftest import ...`, and
+a second conftest module in this directory would shadow tests/conftest.py.
+The test modules here import these fixtures by name.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +19,17 @@ import pytest
 import cwpkg
 
 
+_built: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="session")
 def deb_path(tmp_path_factory) -> Path:
-    t0 = time.monotonic()
-    deb = cwpkg.build_deb(tmp_path_factory.mktemp("deb"))
-    cwpkg.log(f"built {deb.name} in {time.monotonic() - t0:.1f}s")
-    return deb
+    # imported into several modules: build once per process all the same
+    if "deb" not in _built:
+        t0 = time.monotonic()
+        _built["deb"] = cwpkg.build_deb(tmp_path_factory.mktemp("deb"))
+        cwpkg.log(f"built {_built['deb'].name} in {time.monotonic() - t0:.1f}s")
+    return _built["deb"]
 
 
 @pytest.fixture(scope="session")
