@@ -1,0 +1,84 @@
+"""Faults the agent must survive: a probe the kernel refuses, processes and
+network namespaces vanishing under it, scrapes during start-up."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from conftest import CONNWATCH, ROOT, AgentProcess, Metrics, free_port, wait_for
+
+
+def build_refused_object(tmp_path) -> str:
+    out = tmp_path / "refused_probe.bpf.o"
+    arch = subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
+    target = {"x86_64": "x86", "aarch64": "arm64"}[arch]
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target}",
+                    f"-I{ROOT / 'build'}", f"-I{ROOT / 'bpf'}", f"-I/usr/include/{multiarch}",
+                    "-c", str(ROOT / "tests" / "bpf" / "refused_probe.bpf.c"), "-o", str(out)], check=True)
+    return str(out)
+
+
+def test_refused_probe_is_reported_and_the_rest_works(start_agent, server, tmp_path):
+    agent = start_agent(f"bpf_object: {build_refused_object(tmp_path)}\n")
+    m = agent.scrape()
+    assert m.value("connwatch_probe_enabled", probe="cw_refused") == 0
+    for probe in ("sys_exit", "inet_sock_set_state", "kfree_skb", "sched_process_exit",
+                  "sock_recv_length", "sock_send_length", "listener_stats"):
+        assert m.value("connwatch_probe_enabled", probe=probe) == 1, probe
+    assert "cw_refused" in agent.log_path.read_text()
+    srv = server()
+    (port,) = srv.ports
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    srv.command("accept 3")
+    agent.wait_for_value("connwatch_connections", 3, pid=srv.pid, port=port)
+    for c in clients:
+        c.close()
+
+
+def test_scrapes_during_start_up_are_answered(tmp_path):
+    """From the first accepted connection on, every scrape gets a valid answer:
+    connwatch_ready 0 while probes load, then 1."""
+    port = free_port()
+    proc = subprocess.Popen([CONNWATCH, "run", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seen = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and 1 not in seen:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                    seen.append(Metrics(r.read().decode()).value("connwatch_ready"))
+            except ConnectionRefusedError:
+                continue  # not listening yet
+            except urllib.error.URLError as e:
+                if not isinstance(e.reason, ConnectionRefusedError):
+                    raise
+        assert seen and seen[-1] == 1
+        assert set(seen) <= {0, 1} and seen == sorted(seen)
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def test_namespace_and_processes_vanishing_mid_scan(agent, netns):
+    """A listener's process and its network namespace disappear while the agent
+    scans them: it keeps serving, and their series go."""
+    server = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable,
+                               str(ROOT / "tests" / "servers" / "hold_server.py")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    port = int(server.stdout.readline().split()[1])
+    agent.wait_for_value("connwatch_listen_backlog", 4096, pid=server.pid, port=port)
+    server.kill()
+    server.wait()
+    subprocess.run(["ip", "netns", "del", netns], check=True)
+    wait_for(lambda: not agent.scrape().select("connwatch_listen_backlog", pid=str(server.pid)),
+             what="the vanished listener's series to go")
+    # many short-lived processes exiting while snapshots are read
+    for _ in range(50):
+        subprocess.run([sys.executable, "-c", "import socket; socket.socket().listen(8)"], check=True)
+    assert agent.scrape().value("connwatch_ready") == 1
