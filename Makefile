@@ -69,8 +69,15 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
+# Generated files (dashboard JSON, alert rules and their Kubernetes copies)
+# are committed; the tests fail when they are stale.
 dashboards: venv
 	$(PY) -m dashboards.generate
+	$(PY) packaging/kubernetes/generate.py
+
+check-dashboards: venv
+	$(PY) -m dashboards.generate --check
+	$(PY) packaging/kubernetes/generate.py --check
 
 deb: deps
 	packaging/build-deb.sh

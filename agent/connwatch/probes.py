@@ -147,7 +147,7 @@ def load_and_attach(cfg: Config) -> Probes:
         if e.errno == 1:  # EPERM
             raise ProbeError(
                 "loading BPF programs was refused (EPERM): run as root or grant "
-                "CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE (see docs/security.md)"
+                "CAP_BPF and CAP_PERFMON (see docs/security.md)"
             ) from None
         log.warning("loading all programs failed (%s); probing them one by one", e.strerror)
         ok, errors = _loadable(path, cfg)
