@@ -138,3 +138,20 @@ def test_churn_leaves_socket_map_at_baseline(agent, server):
     assert m.value("connwatch_connections", pid=srv.pid, port=port) == 0
     agent.wait_for_value("connwatch_bpf_map_entries", baseline, map="socks", timeout=60)
     assert m.value("connwatch_bpf_map_full_total", map="socks") == 0
+
+
+def test_bpf_program_cost_is_exported_when_bpf_stats_is_on(start_agent, server):
+    agent = start_agent("bpf_stats: true\n")
+    srv = server()
+    (port,) = srv.ports
+    clients = connect_many("127.0.0.1", port, 5)
+    srv.command("accept 5")
+    agent.wait_for_value("connwatch_connections", 5, pid=srv.pid, port=port)
+    m = agent.scrape()
+    for program in ("sys_exit", "inet_sock_set_state", "sock_recv_length"):
+        runs = m.value("connwatch_bpf_program_runs_total", program=program)
+        seconds = m.value("connwatch_bpf_program_run_seconds_total", program=program)
+        assert runs and runs > 0, program
+        assert seconds and 0 < seconds / runs < 1e-4, program  # a run costs ns, not 100 µs
+    for c in clients:
+        c.close()

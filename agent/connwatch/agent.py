@@ -17,6 +17,7 @@ from prometheus_client.registry import CollectorRegistry
 from . import caps, probes as probes_mod
 from .collector import ConnwatchCollector
 from .config import Config
+from .libbpf import LibbpfError, enable_run_time_stats
 from .snapshot import Snapshot, SnapshotReader
 from .web import make_server
 from .webconfig import WebConfig
@@ -48,6 +49,7 @@ class Agent:
         self.registry.register(self.collector)
         self.server = make_server(listen_address, telemetry_path, self.registry, web_config)
         self._threads: list[threading.Thread] = []
+        self._stats_fd: int | None = None
 
     @property
     def snapshot(self) -> Snapshot:
@@ -68,9 +70,19 @@ class Agent:
                 log.exception("snapshot read failed")
             self._stop.wait(self.cfg.refresh_interval_seconds)
 
+    def _enable_bpf_stats(self) -> None:
+        try:
+            self._stats_fd = enable_run_time_stats()  # held open for the agent's lifetime
+            log.info("BPF run-time statistics enabled")
+        except LibbpfError as e:
+            log.warning("bpf_stats: cannot enable BPF run-time statistics (%s); set sysctl "
+                        "kernel.bpf_stats_enabled=1 or grant CAP_SYS_ADMIN", e.strerror)
+
     def start(self) -> None:
         self._serve()
         self.probes = probes_mod.load_and_attach(self.cfg)
+        if self.cfg.bpf_stats:
+            self._enable_bpf_stats()
         listeners, sockets = self.probes.seed()
         log.info("seeded %d listeners and %d connections that predate the agent", listeners, sockets)
         log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(caps.AFTER_ATTACH)["effective"])) or "none")
@@ -88,6 +100,9 @@ class Agent:
         if self.probes is not None:
             self.probes.close()  # detaches every program
             self.probes = None
+        if self._stats_fd is not None:
+            os.close(self._stats_fd)
+            self._stats_fd = None
 
     def run_forever(self) -> None:
         done = threading.Event()

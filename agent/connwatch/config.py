@@ -56,6 +56,9 @@ class Config:
     max_process_series: int = 500
     # path of the compiled BPF object; empty = the installed default
     bpf_object: str = ""
+    # turn on the kernel's BPF run-time statistics while the agent runs, so
+    # connwatch_bpf_program_run_seconds_total is filled (costs ~20 ns per run)
+    bpf_stats: bool = False
     peers: PeerConfig = field(default_factory=PeerConfig)
     maps: MapConfig = field(default_factory=MapConfig)
 

@@ -79,6 +79,7 @@ _map_lookup_batch = _fn(
     "bpf_map_lookup_batch", _i, _i, _vp, _vp, _vp, _vp, ctypes.POINTER(_u32), _vp
 )
 _num_possible_cpus = _fn("libbpf_num_possible_cpus", _i)
+_enable_stats = _fn("bpf_enable_stats", _i, _i)
 _obj_info = _fn("bpf_obj_get_info_by_fd", _i, _i, _vp, ctypes.POINTER(_u32))
 _btf_find = _fn("btf__find_by_name_kind", _i, _vp, _cp, _u32)
 _btf_type = _fn("btf__type_by_id", _vp, _vp, _u32)
@@ -395,6 +396,11 @@ class Program:
         size = _u32(ctypes.sizeof(info))
         _check(_obj_info(self.fd, ctypes.byref(info), ctypes.byref(size)), f"info of {self.name}")
         return info.run_time_ns, info.run_cnt
+
+
+def enable_run_time_stats() -> int:
+    """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): statistics stay on while the returned fd is open."""
+    return _check(_enable_stats(0), "enable BPF run-time statistics")
 
 
 # ---- objects --------------------------------------------------------------
