@@ -155,3 +155,39 @@ def test_bpf_program_cost_is_exported_when_bpf_stats_is_on(start_agent, server):
         assert seconds and 0 < seconds / runs < 1e-4, program  # a run costs ns, not 100 µs
     for c in clients:
         c.close()
+
+
+PORT_EXHAUSTER = """
+import errno, socket, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(16)
+held, failed = [], 0
+for _ in range(5):
+    s = socket.socket()
+    try:
+        s.connect(("127.0.0.1", listener.getsockname()[1]))
+        held.append(s)
+    except OSError as e:
+        assert e.errno == errno.EADDRNOTAVAIL, e
+        failed += 1
+print(len(held), failed, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_ephemeral_port_exhaustion_counted(agent, netns):
+    """Two local ports in a namespace's ip_local_port_range: once they are
+    taken, connect() to the same destination fails with EADDRNOTAVAIL."""
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw",
+                    "net.ipv4.ip_local_port_range=40000 40001"], check=True)
+    proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", PORT_EXHAUSTER],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        held, failed = map(int, proc.stdout.readline().split())
+        assert 1 <= held <= 2 and held + failed == 5
+        agent.wait_for_value("connwatch_port_exhaustion_failures_total", failed, pid=proc.pid,
+                             syscall="connect")
+    finally:
+        proc.stdin.close()
+        proc.wait(10)

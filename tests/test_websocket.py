@@ -192,3 +192,37 @@ def test_peer_labels_aggregated_or_hashed(start_agent, server, peers_config, exp
         assert len(label) == 16 and "127" not in label and int(label, 16) >= 0
     for c in clients:
         c.close()
+
+
+def test_tls_is_recognised_and_hinted_ports_count_as_websocket(start_agent, aio, tmp_path):
+    """wss terminated in the application is ciphertext at the syscall layer:
+    a ClientHello makes kind="tls", unless the port is listed in
+    websocket_ports, where every connection counts as a WebSocket."""
+    import ssl
+    from conftest import free_port
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                    "-days", "1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    hinted = free_port()
+    agent = start_agent(f"websocket_ports: [{hinted}]\n")
+    servers = [Stdio([sys.executable, str(PY_SERVER), "--cap", "10", "--port", str(port),
+                      "--cert", str(cert), "--key", str(key)]) for port in (hinted, 0)]
+    client_tls = ssl.create_default_context(cafile=str(cert))
+    try:
+        async def open_wss(port, n):
+            return [await connect(f"wss://localhost:{port}/", ssl=client_tls, open_timeout=10)
+                    for _ in range(n)]
+        held = aio.run(open_wss(servers[0].port, 3)) + aio.run(open_wss(servers[1].port, 2))
+        hint_pid, tls_pid = servers[0].pids[0], servers[1].pids[0]
+        m = agent.wait_for_value("connwatch_connections", 3, pid=hint_pid, port=hinted, kind="websocket")
+        assert m.value("connwatch_connections", pid=hint_pid, port=hinted, kind="tls") in (None, 0)
+        m = agent.wait_for_value("connwatch_connections", 2, pid=tls_pid, port=servers[1].port, kind="tls")
+        assert m.value("connwatch_connections", pid=tls_pid, port=servers[1].port, kind="websocket") in (None, 0)
+
+        async def close(sockets):
+            await asyncio.gather(*(ws.close() for ws in sockets))
+        aio.run(close(held))
+    finally:
+        for srv in servers:
+            srv.stop()

@@ -2,7 +2,9 @@
 client IP the way the reference article's servers do: over the cap, the
 upgrade is answered 429 Too Many Requests.
 
-    ws_server.py --cap N
+    ws_server.py --cap N [--port P] [--cert FILE --key FILE]
+
+With --cert/--key it serves wss: TLS terminated in the application.
 
 Prints "ready <port>". stdin commands: "stats" -> JSON {"open", "accepted",
 "rejected"}; "close" -> closes every WebSocket, replies "closed".
@@ -20,6 +22,9 @@ from websockets.asyncio.server import serve
 
 p = argparse.ArgumentParser()
 p.add_argument("--cap", type=int, required=True)
+p.add_argument("--port", type=int, default=0)
+p.add_argument("--cert")
+p.add_argument("--key")
 args = p.parse_args()
 
 # clients that reset mid-handshake are part of the tests' load, not news
@@ -53,7 +58,12 @@ async def handler(ws):
 
 
 async def main():
-    async with serve(handler, "127.0.0.1", 0, process_request=process_request) as server:
+    tls = None
+    if args.cert:
+        import ssl
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.cert, args.key)
+    async with serve(handler, "127.0.0.1", args.port, process_request=process_request, ssl=tls) as server:
         port = server.sockets[0].getsockname()[1]
         print(f"ready {port}", flush=True)
         loop = asyncio.get_running_loop()

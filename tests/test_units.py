@@ -1,0 +1,87 @@
+"""Unit tests of the pure parts: struct mirrors against the object's BTF,
+peer and histogram decoding, configuration parsing."""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+
+import pytest
+
+from connwatch import bpf_types as T
+from connwatch.config import Config, ConfigError, parse, peer_network, PeerConfig
+from connwatch.libbpf import BpfObject
+from connwatch.probes import find_object
+from connwatch.snapshot import _histogram
+
+
+@pytest.fixture(scope="module")
+def btf_object():
+    with BpfObject(find_object()) as obj:
+        yield obj
+
+
+def test_mirrors_match_the_built_object(btf_object):
+    T.check_layout(btf_object.btf)  # raises on any drift
+
+
+def test_layout_drift_is_caught(btf_object, monkeypatch):
+    class Drifted(ctypes.Structure):  # cw_conn_key with two members swapped
+        _fields_ = [("tgid", T.u32), ("lport", T.u16), ("kind", T.u8), ("_pad", T.u8), ("pstart", T.u64)]
+    monkeypatch.setitem(T.MIRRORS, "cw_conn_key", Drifted)
+    with pytest.raises(T.LayoutMismatch, match="cw_conn_key"):
+        T.check_layout(btf_object.btf)
+
+
+def test_enum_drift_is_caught(btf_object, monkeypatch):
+    import enum
+
+    class Kind(enum.IntEnum):
+        TCP = 0
+        WEBSOCKET = 2
+        TLS = 1
+    monkeypatch.setitem(T.ENUMS, "cw_kind", (Kind, "CW_KIND_"))
+    with pytest.raises(T.LayoutMismatch, match="cw_kind"):
+        T.check_layout(btf_object.btf)
+
+
+def test_peer_decoding():
+    v4 = bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
+    assert T.peer_address(v4) == ipaddress.IPv4Address("10.1.2.3")
+    v6 = ipaddress.IPv6Address("2001:db8::7").packed
+    assert T.peer_address(v6) == ipaddress.IPv6Address("2001:db8::7")
+    peers = PeerConfig(ipv4_prefix=24, ipv6_prefix=64)
+    assert str(peer_network(T.peer_address(v4), peers)) == "10.1.2.0/24"
+    assert str(peer_network(T.peer_address(v6), peers)) == "2001:db8::/64"
+
+
+def test_histogram_is_cumulative_with_le_in_seconds():
+    h = T.DurationHist()
+    h.buckets[0] = 2   # < 1 ms
+    h.buckets[3] = 1   # [4, 8) ms
+    h.buckets[31] = 1  # the open-ended last bucket: only in +Inf
+    h.count, h.sum_ns = 4, 5_000_000
+    buckets, total, count = _histogram(h)
+    assert buckets[0] == (0.001, 2) and buckets[3] == (0.008, 3) and buckets[-1] == (2 ** 30 / 1000, 3)
+    assert len(buckets) == T.HIST_BUCKETS - 1 and count == 4 and total == 0.005
+
+
+def test_config_defaults_and_values():
+    assert parse("", "t") == Config()
+    cfg = parse("refresh_interval_seconds: 1\nwebsocket_ports: [443, 8443]\npeers:\n  top_k: 3\n", "t")
+    assert cfg.refresh_interval_seconds == 1.0 and cfg.websocket_ports == (443, 8443) and cfg.peers.top_k == 3
+
+
+@pytest.mark.parametrize("text, names", [
+    ("nope: 1", "nope"),
+    ("peers:\n  top_kk: 1", "peers.top_kk"),
+    ("maps:\n  socks: 0", "maps.socks"),
+    ("websocket_ports: [70000]", "websocket_ports"),
+    ("max_process_series: true", "max_process_series"),
+    ("refresh_interval_seconds: [1]", "refresh_interval_seconds"),
+    ("peers: 3", "peers"),
+    ("a: [", "YAML"),
+])
+def test_config_errors_name_the_key(text, names):
+    with pytest.raises(ConfigError, match=names.replace(".", r"\.").replace("[", r"\[")):
+        parse(text, "t")
