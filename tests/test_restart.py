@@ -5,6 +5,9 @@ by BPF iterators), and nothing of a previous run is left behind."""
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 
 
 def connect_accepted(srv, port: int, n: int) -> list[socket.socket]:
@@ -51,3 +54,48 @@ def test_counts_exact_on_first_scrape_across_restarts(start_agent, server):
     assert not m.value("connwatch_connection_duration_seconds_count", port=port, kind="tcp")
     for c in clients:
         c.close()
+
+
+def test_reused_pid_does_not_inherit_a_dead_process_counts(agent, server):
+    """Process A accepts on a port and dies; process B is then given A's pid
+    (via /proc/sys/kernel/ns_last_pid, as CRIU does) and accepts on the same
+    port. B's series must show only B's connections."""
+    first = server()
+    (port,) = first.ports
+    clients = connect_accepted(first, port, 5)
+    agent.wait_for_value("connwatch_connections_accepted_total", 5, pid=first.pid, port=port)
+    for c in clients:
+        c.close()
+    first.stop()
+    reused_pid = first.pid
+
+    second = None
+    for _ in range(50):  # another process may take the pid first: retry
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(reused_pid - 1))
+        candidate = subprocess.Popen(
+            [sys.executable, "-c", "import socket, sys\n"
+             f"l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+             f"l.bind(('127.0.0.1', {port})); l.listen(8)\n"
+             "print('ready', flush=True)\n"
+             "held = [l.accept()[0] for _ in range(2)]\n"
+             "print('accepted', flush=True); sys.stdin.read()\n"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if candidate.pid == reused_pid:
+            second = candidate
+            break
+        candidate.kill()
+        candidate.wait()
+        time.sleep(0.01)
+    assert second is not None, "could not get the pid reused"
+    try:
+        assert second.stdout.readline().strip() == "ready"
+        new_clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        assert second.stdout.readline().strip() == "accepted"
+        m = agent.wait_for_value("connwatch_connections", 2, pid=reused_pid, port=port)
+        assert m.value("connwatch_connections_accepted_total", pid=reused_pid, port=port) == 2
+        for c in new_clients:
+            c.close()
+    finally:
+        second.kill()
+        second.wait()
