@@ -121,8 +121,14 @@ def table(res: dict) -> list[tuple[str, str, str, str]]:
         rows.append(("1 churn", "generator CPU us/conn detached / attached (ratio)",
                      f"{r['gen_cpu_us_per_conn_off']['median']:.1f} / {r['gen_cpu_us_per_conn_on']['median']:.1f} "
                      f"({_ratio(r['gen_cpu_ratio'])})", ""))
+    if "churn" in res and res["churn"]["foreign_links_max"]:
+        rows.append(("1 churn", "WARNING: other people's syscall-tracepoint BPF links present during runs",
+                     f"up to {res['churn']['foreign_links_max']}: the baseline paid for tracing too", ""))
     if "syscall" in res:
         r = res["syscall"]
+        if r["foreign_links_max"].get("none"):
+            rows.append(("2 syscall", "WARNING: other people's syscall-tracepoint BPF links during baseline runs",
+                         f"up to {r['foreign_links_max']['none']}: the baseline paid for tracing too", ""))
         for m, label in (("getppid", "getppid()"), ("pipe", "1-byte write+read on a pipe")):
             base = r[m]["none"]["ns_per_iter"]
             rows.append(("2 syscall", f"{label}: CPU ns/iteration, nothing attached",
