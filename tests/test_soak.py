@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
@@ -71,6 +72,7 @@ async def churn(ports: list[int], deadline: float, held: list, rng: random.Rando
                       and not isinstance(r, (WebSocketException, ConnectionError, OSError)))
 
 
+@pytest.mark.timeout(SOAK_SECONDS + 300)
 def test_churn_soak(start_agent):
     agent = start_agent("peers:\n  top_k: 5\n")
     baseline_socks = agent.scrape().value("connwatch_bpf_map_entries", map="socks")
