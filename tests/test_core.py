@@ -93,18 +93,6 @@ def test_emfile_counted_per_syscall(agent, server):
     assert m.value("connwatch_fd_alloc_failures_total", pid=pid) == 7
 
 
-def test_listen_backlog_requested_and_capped(agent):
-    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    s.listen(65535)
-    port = s.getsockname()[1]
-    import os
-    m = agent.wait_for_value("connwatch_listen_backlog_requested", 65535, pid=os.getpid(), port=port)
-    assert m.value("connwatch_listen_backlog_requested", pid=os.getpid(), port=port) > somaxconn
-    s.close()
-
-
 def test_accept_queue_overflow_drops_handshake_acks(agent, netns):
     """Handshake ACKs dropped on a full accept queue are counted per port,
     also inside another network namespace (see servers/ack_overflow.py)."""
