@@ -5,7 +5,6 @@ agent's memory stays bounded."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 
 from conftest import wait_for

@@ -3,12 +3,10 @@ backlogs, accept-queue overflow drops and map hygiene under churn."""
 
 from __future__ import annotations
 
-import errno
 import socket
 import subprocess
 import sys
 
-import pytest
 
 from conftest import ROOT, wait_for
 

@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 
-from conftest import CONNWATCH, ROOT, AgentProcess, Metrics, free_port, wait_for
+from conftest import CONNWATCH, ROOT, Metrics, free_port, wait_for
 
 
 def build_refused_object(tmp_path) -> str:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from conftest import ROOT, ServerProcess, wait_for
+from conftest import ROOT, wait_for
 
 SERVERS = ROOT / "tests" / "servers"
 
