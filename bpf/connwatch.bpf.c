@@ -92,11 +92,23 @@ struct {
 	__type(value, __u64);
 } overflow_drops SEC(".maps");
 
-/* Listening (netns, port) pairs found by the start-up seeding pass. */
+/*
+ * Listening (netns, address, port) found by the start-up seeding pass. The
+ * address matters: a client socket bound to 127.0.0.5:P is not accepted
+ * on a listener at 127.0.0.1:P. Wildcard listeners have an all-zero
+ * (or ::ffff:0.0.0.0) address.
+ */
+struct seed_listen_key {
+	__u8 addr[CW_ADDR_LEN];
+	__u32 netns;
+	__u16 lport;
+	__u16 _pad;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
-	__type(key, struct cw_port_key);
+	__type(key, struct seed_listen_key);
 	__type(value, __u8);
 } seed_listen_ports SEC(".maps");
 
@@ -306,6 +318,19 @@ static __always_inline void read_peer(const struct sock *sk, __u8 peer[CW_ADDR_L
 	peer[10] = 0xff;
 	peer[11] = 0xff;
 	bpf_core_read(&peer[12], 4, &sk->__sk_common.skc_daddr);
+}
+
+/* Local address as IPv6; IPv4 becomes ::ffff:a.b.c.d (as read_peer). */
+static __always_inline void read_local(const struct sock *sk, __u8 addr[CW_ADDR_LEN])
+{
+	if (BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6) {
+		bpf_core_read(addr, CW_ADDR_LEN, &sk->__sk_common.skc_v6_rcv_saddr);
+		return;
+	}
+	__builtin_memset(addr, 0, CW_ADDR_LEN);
+	addr[10] = 0xff;
+	addr[11] = 0xff;
+	bpf_core_read(&addr[12], 4, &sk->__sk_common.skc_rcv_saddr);
 }
 
 /*
@@ -870,7 +895,7 @@ int cw_seed_listeners(struct bpf_iter__task_file *ctx)
 	struct task_struct *task = ctx->task;
 	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
 	struct cw_listener l = {};
-	struct cw_port_key port = {};
+	struct seed_listen_key port = {};
 	__u64 key = (__u64)sk;
 	__u8 one = 1;
 
@@ -886,10 +911,27 @@ int cw_seed_listeners(struct bpf_iter__task_file *ctx)
 	note_task_process(task, l.tgid, l.pstart);
 	if (bpf_map_update_elem(&listeners, &key, &l, BPF_NOEXIST) == -E2BIG)
 		count_map_full(CW_MAP_LISTENERS);
+	read_local(sk, port.addr);
 	port.netns = l.netns;
 	port.lport = l.lport;
 	bpf_map_update_elem(&seed_listen_ports, &port, &one, BPF_ANY);
 	return 0;
+}
+
+/* Is there a listener for this socket's local address and port (or a wildcard)? */
+static __always_inline bool listened_on(struct seed_listen_key *port, const struct sock *sk)
+{
+	read_local(sk, port->addr);
+	if (bpf_map_lookup_elem(&seed_listen_ports, port))
+		return true;
+	if (port->addr[10] == 0xff && port->addr[11] == 0xff) {
+		/* an IPv4 address: 0.0.0.0 */
+		port->addr[12] = port->addr[13] = port->addr[14] = port->addr[15] = 0;
+		if (bpf_map_lookup_elem(&seed_listen_ports, port))
+			return true;
+	}
+	__builtin_memset(port->addr, 0, CW_ADDR_LEN); /* :: (also takes IPv4 when dual-stack) */
+	return bpf_map_lookup_elem(&seed_listen_ports, port) != NULL;
 }
 
 /*
@@ -901,7 +943,7 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 {
 	struct task_struct *task = ctx->task;
 	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
-	struct cw_port_key port = {};
+	struct seed_listen_key port = {};
 	struct cw_sock s = {};
 	__u64 key = (__u64)sk;
 	int state;
@@ -913,7 +955,7 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 		return 0;
 	port.netns = sock_netns(sk);
 	port.lport = local_port(sk);
-	if (!bpf_map_lookup_elem(&seed_listen_ports, &port))
+	if (!listened_on(&port, sk))
 		return 0; /* an outbound connection */
 	s.tgid = task->tgid;
 	s.pstart = BPF_CORE_READ(task, group_leader, start_boottime);

@@ -23,10 +23,19 @@ def test_counts_exact_on_first_scrape_across_restarts(start_agent, server):
     (port,) = srv.ports
     pid = srv.pid
     clients = connect_accepted(srv, port, 5000)
+    # a decoy: an outbound connection from 127.0.0.5 that uses the listener's
+    # port number as its local port; it was not accepted on that listener
+    other = server()
+    decoy = socket.socket()
+    decoy.bind(("127.0.0.5", port))
+    decoy.connect(("127.0.0.1", other.ports[0]))
+    assert other.command("accept 1") == "accepted 1"
 
     first = start_agent()
     m = first.scrape()
     assert m.value("connwatch_connections", pid=pid, port=port, kind="tcp") == 5000
+    assert m.value("connwatch_connections", pid=other.pid, port=other.ports[0]) == 1
+    assert m.value("connwatch_connections", port=port) == 5000
     assert m.value("connwatch_listen_backlog", pid=pid, port=port) == 4096
     # a listener found at start-up has no known listen() argument
     assert m.value("connwatch_listen_backlog_requested", pid=pid, port=port) is None
@@ -52,7 +61,7 @@ def test_counts_exact_on_first_scrape_across_restarts(start_agent, server):
     m = second.wait_for_value("connwatch_connections_closed_total", 500, pid=pid, port=port)
     # closing a seeded connection records no duration: its age is unknown
     assert not m.value("connwatch_connection_duration_seconds_count", port=port, kind="tcp")
-    for c in clients:
+    for c in clients + [decoy]:
         c.close()
 
 
