@@ -268,21 +268,33 @@ def own_link_ids(pids) -> set[int]:
     return ids
 
 
+def _foreign_ids(own_pids=()) -> set[int]:
+    own = own_link_ids([os.getpid(), *own_pids])
+    return {lk.get("id") for lk in syscall_links() if lk.get("id") not in own}
+
+
 def foreign_syscall_links(own_pids=()) -> int:
     """Syscall-tracepoint BPF links that belong to someone else on this machine
     (other engineers' agents): they slow down our baseline too."""
-    own = own_link_ids([os.getpid(), *own_pids])
-    return sum(1 for lk in syscall_links() if lk.get("id") not in own)
+    return len(_foreign_ids(own_pids))
+
+
+_persistent: set[int] = set()  # foreign links that outlasted a full wait: not waited for again
 
 
 def wait_quiet(max_wait: float, own_pids=()) -> int:
     """Wait (up to max_wait s) until nobody else has a program on the syscall
-    tracepoints; returns how many foreign links remain."""
+    tracepoints; returns how many foreign links remain. Links that already
+    outlasted one full wait (e.g. a leaked agent) are not waited for again."""
     deadline = time.monotonic() + max_wait
     while True:
-        n = foreign_syscall_links(own_pids)
-        if n == 0 or time.monotonic() >= deadline:
-            return n
+        ids = _foreign_ids(own_pids)
+        if not ids or ids <= _persistent:
+            return len(ids)
+        if time.monotonic() >= deadline:
+            log(f"{len(ids)} foreign syscall-tracepoint BPF links still attached after {max_wait:.0f} s")
+            _persistent.update(ids)
+            return len(ids)
         time.sleep(0.5)
 
 
