@@ -446,11 +446,34 @@ static __always_inline void account_close(struct cw_sock *s)
 	record_duration(s, bpf_ktime_get_ns());
 }
 
+/*
+ * An entry for a socket address that accept() returns again: if it was not
+ * seeded a moment ago (seeded entries have no accept time), its socket is
+ * gone and its TCP_CLOSE was missed. Account that close (without a
+ * lifetime: its end is unknown) and drop the entry. True if dropped.
+ */
+static __always_inline bool forget_stale(__u64 key)
+{
+	struct cw_sock *old = bpf_map_lookup_elem(&socks, &key);
+	struct cw_sock copy;
+
+	if (!old || !old->accepted_ns)
+		return false;
+	copy = *old;
+	if (bpf_map_delete_elem(&socks, &key))
+		return false;
+	socks_live_add(-1);
+	conn_counts_add(&copy, -1, 0, 1);
+	peers_add(&copy, -1);
+	return true;
+}
+
 static __always_inline void on_accept(long fd)
 {
 	struct sock *sk = sock_from_fd(fd);
 	struct cw_sock s = {};
 	__u64 key = (__u64)sk;
+	long err;
 
 	if (!sk || !is_tcp_inet(sk))
 		return;
@@ -466,10 +489,20 @@ static __always_inline void on_accept(long fd)
 
 	conn_counts_add(&s, 1, 1, 0);
 	peers_add(&s, 1);
-	if (bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST)) {
-		/* untracked: undo so that the open gauge cannot leak */
-		count_map_full(CW_MAP_SOCKS);
-		account_close(&s);
+	err = bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST);
+	if (err == -EEXIST && forget_stale(key))
+		err = bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST);
+	if (err) {
+		/*
+		 * -EEXIST: start-up seeding found the socket in the fd table
+		 * just before this accept() returned, so it is tracked already.
+		 * Otherwise the map is full and the connection goes untracked.
+		 * Either way it must not count as open twice (or ever leak).
+		 */
+		if (err != -EEXIST)
+			count_map_full(CW_MAP_SOCKS);
+		conn_counts_add(&s, -1, 0, 0);
+		peers_add(&s, -1);
 		return;
 	}
 	socks_live_add(1);
@@ -755,14 +788,13 @@ int BPF_PROG(cw_sys_exit, struct pt_regs *regs, long ret)
 }
 
 /* TCP_CLOSE ends an accepted connection or a listener. */
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(cw_sock_state, const struct sock *sk, const int oldstate, const int newstate)
+static __always_inline void on_state_change(const struct sock *sk, int oldstate, int newstate)
 {
 	__u64 key = (__u64)sk;
 	struct cw_sock *s;
 
 	if (newstate != TCP_CLOSE)
-		return 0;
+		return;
 	s = bpf_map_lookup_elem(&socks, &key);
 	if (s) {
 		struct cw_sock copy = *s;
@@ -771,10 +803,30 @@ int BPF_PROG(cw_sock_state, const struct sock *sk, const int oldstate, const int
 			socks_live_add(-1);
 			account_close(&copy);
 		}
-		return 0;
+		return;
 	}
 	if (oldstate == TCP_LISTEN)
 		bpf_map_delete_elem(&listeners, &key);
+}
+
+/*
+ * The same handler twice. A tracing program does not run nested on one
+ * CPU: when a close in process context is interrupted by a softirq that
+ * closes another socket, the nested run is skipped (recursion_misses), and
+ * that TCP_CLOSE would be lost. The tracepoint calls both programs; if one
+ * is busy, the other runs, and the map delete decides which one accounts.
+ */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(cw_sock_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	on_state_change(sk, oldstate, newstate);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(cw_sock_state_nested, const struct sock *sk, const int oldstate, const int newstate)
+{
+	on_state_change(sk, oldstate, newstate);
 	return 0;
 }
 

@@ -214,11 +214,16 @@ class ConnwatchCollector(Collector):
         runs = CounterMetricFamily("connwatch_bpf_program_runs",
                                    "Invocations of a BPF program (needs sysctl kernel.bpf_stats_enabled=1).",
                                    labels=["program"])
-        for name, (ns, cnt) in sorted(s.program_stats.items()):
+        misses = CounterMetricFamily("connwatch_bpf_program_recursion_misses",
+                                     "Runs of a BPF program the kernel skipped because it was already running "
+                                     "on that CPU (an event it did not see).", labels=["program"])
+        for name, (ns, cnt, missed) in sorted(s.program_stats.items()):
             run_time.add_metric([name], ns / 1e9)
             runs.add_metric([name], cnt)
+            misses.add_metric([name], missed)
         yield run_time
         yield runs
+        yield misses
 
 
 def _summed(family, rows) -> Metric:

@@ -340,6 +340,7 @@ class _ProgInfo(ctypes.Structure):
         ("line_info_rec_size", _u32), ("jited_line_info_rec_size", _u32),
         ("nr_prog_tags", _u32), ("prog_tags", ctypes.c_uint64),
         ("run_time_ns", ctypes.c_uint64), ("run_cnt", ctypes.c_uint64),
+        ("recursion_misses", ctypes.c_uint64),
     ]
 
 
@@ -390,12 +391,14 @@ class Program:
             _link_destroy(self._link)
             self._link = None
 
-    def run_stats(self) -> tuple[int, int]:
-        """(run_time_ns, run_cnt); both stay 0 unless kernel.bpf_stats_enabled=1."""
+    def run_stats(self) -> tuple[int, int, int]:
+        """(run_time_ns, run_cnt, recursion_misses). The first two stay 0 unless
+        BPF statistics are on; misses (runs skipped because the program was
+        already running on that CPU) are always counted."""
         info = _ProgInfo()
         size = _u32(ctypes.sizeof(info))
         _check(_obj_info(self.fd, ctypes.byref(info), ctypes.byref(size)), f"info of {self.name}")
-        return info.run_time_ns, info.run_cnt
+        return info.run_time_ns, info.run_cnt, info.recursion_misses
 
 
 def enable_run_time_stats() -> int:

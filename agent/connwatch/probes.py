@@ -23,6 +23,7 @@ log = logging.getLogger("connwatch.probes")
 PROBES = {
     "cw_sys_exit": "sys_exit",
     "cw_sock_state": "inet_sock_set_state",
+    "cw_sock_state_nested": "inet_sock_set_state_nested",
     "cw_kfree_skb": "kfree_skb",
     "cw_process_exit": "sched_process_exit",
     "cw_sock_send": "sock_send_length",

@@ -79,8 +79,8 @@ class Snapshot:
     maps: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     map_memory: dict[str, int] = field(default_factory=dict)
     probes: dict[str, bool] = field(default_factory=dict)
-    # probe -> (run_time_ns, run_count)
-    program_stats: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # probe -> (run_time_ns, run_count, recursion_misses)
+    program_stats: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 class SnapshotReader:
