@@ -36,8 +36,10 @@ def rss(pid: int) -> int:
 
 
 def ss_owners(port: int) -> dict[int, int]:
-    """Connected sockets on local port `port` per owning pid, from ss."""
-    out = subprocess.run(["ss", "-Htnp", "state", "connected", f"( sport = :{port} )"],
+    """Connected sockets accepted on the listener 127.0.0.1:port, per owning pid,
+    from ss (by address too: an outbound socket elsewhere on the host may
+    have the same local port number on another 127.x address)."""
+    out = subprocess.run(["ss", "-Htnp", "state", "connected", "src", f"127.0.0.1:{port}"],
                          capture_output=True, text=True, check=True).stdout
     owners: dict[int, int] = {}
     for line in out.splitlines():
