@@ -130,25 +130,25 @@ class SnapshotReader:
                 s.processes[tgid] = p
             return p
 
-        stale = []
-        for k, v in conn_items:
-            if owner(k.tgid, k.pstart) is None:
-                stale.append(k)
-                continue
+        def owned(mapname: str, items):
+            """The items whose process is alive; counters of exited ones are deleted."""
+            stale = []
+            for k, v in items:
+                if owner(k.tgid, k.pstart) is None:
+                    stale.append(k)
+                else:
+                    yield k, v
+            self._delete_stale(maps[mapname], stale)
+
+        for k, v in owned("conn_counts", conn_items):
             s.connections[(k.tgid, k.lport, KIND_NAMES.get(k.kind, "tcp"))] = [v.open, v.accepted, v.closed]
-        self._delete_stale(maps["conn_counts"], stale)
 
         for mapname, target, with_errno in (("fd_failures", s.fd_failures, True),
                                             ("port_exhaustion", s.port_exhaustion, False)):
-            stale = []
-            for k, v in fail_items[mapname]:
-                if owner(k.tgid, k.pstart) is None:
-                    stale.append(k)
-                    continue
+            for k, v in owned(mapname, fail_items[mapname]):
                 name = SYSCALL_NAMES.get(k.syscall, "other")
                 key = (k.tgid, name, ERRNO_NAMES.get(k.err, str(k.err))) if with_errno else (k.tgid, name)
                 target[key] = target.get(key, 0) + v
-            self._delete_stale(maps[mapname], stale)
 
         for st in listener_stats:
             l = st.l
@@ -166,13 +166,8 @@ class SnapshotReader:
                     l.backlog_requested, (prev.requested or 0) if prev else 0),
             )
 
-        stale = []
-        for k, v in upgrade_items:
-            if owner(k.tgid, k.pstart) is None:
-                stale.append(k)
-                continue
+        for k, v in owned("upgrades", upgrade_items):
             s.upgrades[(k.tgid, k.lport, k.status)] = v
-        self._delete_stale(maps["upgrades"], stale)
 
         for k, h in maps["durations"].items(T.DurationKey, T.DurationHist):
             s.durations[(k.lport, KIND_NAMES.get(k.kind, "tcp"))] = _histogram(h)
