@@ -3,6 +3,7 @@ network namespaces vanishing under it, scrapes during start-up."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -82,3 +83,19 @@ def test_namespace_and_processes_vanishing_mid_scan(agent, netns):
     for _ in range(50):
         subprocess.run([sys.executable, "-c", "import socket; socket.socket().listen(8)"], check=True)
     assert agent.scrape().value("connwatch_ready") == 1
+
+
+def test_sigterm_stops_the_agent_cleanly_even_when_repeated(start_agent):
+    """An agent that ignores SIGTERM outlives its service; signals arriving
+    while the main thread holds a lock once deadlocked it (a handler setting
+    an Event). Repeated SIGTERMs must still end it, with exit code 0."""
+    import signal
+
+    agent = start_agent()
+    for _ in range(5000):  # a burst, until the process is gone
+        try:
+            os.kill(agent.proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            break
+    assert agent.proc.wait(15) == 0
+    assert "stopped" in agent.log_path.read_text()

@@ -105,13 +105,15 @@ class Agent:
             self._stats_fd = None
 
     def run_forever(self) -> None:
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
+        # Wait for SIGTERM/SIGINT with sigwait, not a handler: a handler that
+        # sets an Event can interrupt the main thread inside that Event's own
+        # lock and deadlock, leaving an agent that ignores every SIGTERM.
+        # Blocked before any thread starts, so every thread inherits the mask.
+        stop_signals = {signal.SIGTERM, signal.SIGINT}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
             self.start()
-            while not done.wait(1.0):
-                pass
+            signal.sigwait(stop_signals)
         finally:
             t0 = time.monotonic()
             self.stop()
