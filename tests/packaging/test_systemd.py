@@ -7,6 +7,7 @@ and becomes ready, confined exactly as the unit says."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -62,9 +63,22 @@ def booted(deb_path):
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                # killing nspawn alone would leave the container's init (and
+                # the agent in it) running, reparented to the host's init:
+                # kill the init first, which ends its whole pid namespace
+                for child in _children(proc.pid):
+                    os.kill(child, signal.SIGKILL)
                 proc.kill()
                 proc.wait()
         root.close()
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
 
 
 def _init_pid(proc: subprocess.Popen, timeout: float = 30) -> int:
