@@ -95,23 +95,11 @@ class ConnwatchCollector(Collector):
         closed = CounterMetricFamily("connwatch_connections_closed",
                                      "Accepted TCP connections that reached TCP_CLOSE.",
                                      labels=PROC_LABELS + ["port"])
-        gauge: dict[tuple, int] = defaultdict(int)
-        acc: dict[tuple, int] = defaultdict(int)
-        clo: dict[tuple, int] = defaultdict(int)
-        for (pid, port, kind), (open_, a, c) in s.connections.items():
-            labels = (*_proc_labels(who(pid)), str(port))
-            gauge[(*labels, kind)] += max(open_, 0)
-            acc[labels] += a
-            clo[labels] += c
-        for labels, v in sorted(gauge.items()):
-            conns.add_metric(list(labels), v)
-        for labels, v in sorted(acc.items()):
-            accepted.add_metric(list(labels), v)
-        for labels, v in sorted(clo.items()):
-            closed.add_metric(list(labels), v)
-        yield conns
-        yield accepted
-        yield closed
+        rows = [((*_proc_labels(who(pid)), str(port)), kind, counts)
+                for (pid, port, kind), counts in s.connections.items()]
+        yield _summed(conns, (((*labels, kind), max(open_, 0)) for labels, kind, (open_, _, _) in rows))
+        yield _summed(accepted, ((labels, a) for labels, _, (_, a, _) in rows))
+        yield _summed(closed, ((labels, c) for labels, _, (_, _, c) in rows))
 
         fdfail = CounterMetricFamily("connwatch_fd_alloc_failures",
                                      "Syscalls that failed with EMFILE (per-process fd limit) or ENFILE (fs.file-max).",
