@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,16 +129,22 @@ def start_agent(tmp_path):
         a.stop()
 
 
-@pytest.fixture
-def netns():
-    """A fresh network namespace with loopback up; deleted afterwards."""
-    name = f"cwtest-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+@contextlib.contextmanager
+def network_namespace():
+    """A throwaway network namespace with loopback up; always deleted."""
+    name = f"cwtest-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture
+def netns():
+    with network_namespace() as name:
+        yield name
 
 
 class ServerProcess:

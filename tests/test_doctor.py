@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import network_namespace as netns
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -49,15 +50,6 @@ def checks(report: dict, check_id: str, **match) -> list[dict]:
     return [c for c in report["checks"] if c["id"] == check_id and all(c[k] == v for k, v in match.items())]
 
 
-@contextmanager
-def netns() -> Iterator[str]:
-    name = f"cw4d-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 # ---- on this machine as it is -------------------------------------------------------

@@ -12,11 +12,10 @@ import json
 import os
 import subprocess
 import textwrap
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import network_namespace as netns
 
 from connwatch import system
 from connwatch.system import TCP_LISTEN, read_system
@@ -28,16 +27,6 @@ AGENT_SRC = str(ROOT / "agent")
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ip netns needs root")
 
 
-@contextmanager
-def netns():
-    """A throwaway network namespace with loopback up; always deleted."""
-    name = f"cw4-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 def run_in(ns: str, code: str, timeout: float = 60) -> dict:
