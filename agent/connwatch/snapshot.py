@@ -90,10 +90,18 @@ class SnapshotReader:
         self.probes = probes
         self.cfg = cfg
         self._process_cache: dict[tuple[int, int], Process] = {}
+        # entries of each map as read by the current read(), so map fill is
+        # counted from the same pass instead of iterating every map again
+        self._entries: dict[str, int] = {}
+
+    def _items(self, name: str, key_type, value_type) -> list:
+        items = list(self.probes.maps[name].items(key_type, value_type))
+        self._entries[name] = len(items)
+        return items
 
     def _live_processes(self) -> dict[int, tuple[int, T.Proc]]:
         """tgid -> (pstart, proc) for processes the kernel still knows as alive."""
-        return {k: (v.pstart, v) for k, v in self.probes.maps["procs"].items(ctypes.c_uint32, T.Proc)}
+        return {k: (v.pstart, v) for k, v in self._items("procs", ctypes.c_uint32, T.Proc)}
 
     def _process(self, tgid: int, pstart: int, proc: T.Proc) -> Process | None:
         key = (tgid, pstart)
@@ -110,13 +118,14 @@ class SnapshotReader:
         t0 = time.monotonic()
         s = Snapshot(ready=True, probes=dict(self.probes.enabled))
         maps = self.probes.maps
+        self._entries = {}
         # Counters first, identities second: a process that starts in between
         # is then already in `procs`, so its fresh counters are never dropped.
-        conn_items = list(maps["conn_counts"].items(T.ConnKey, T.ConnCounts))
-        fail_items = {name: list(maps[name].items(T.FailKey, ctypes.c_uint64))
+        conn_items = self._items("conn_counts", T.ConnKey, T.ConnCounts)
+        fail_items = {name: self._items(name, T.FailKey, ctypes.c_uint64)
                       for name in ("fd_failures", "port_exhaustion")}
         listener_stats = self._read_listener_stats()
-        upgrade_items = list(maps["upgrades"].items(T.UpgradeKey, ctypes.c_uint64))
+        upgrade_items = self._items("upgrades", T.UpgradeKey, ctypes.c_uint64)
         live = self._live_processes()
         used: set[tuple[int, int]] = set()
 
@@ -169,13 +178,13 @@ class SnapshotReader:
         for k, v in owned("upgrades", upgrade_items):
             s.upgrades[(k.tgid, k.lport, k.status)] = v
 
-        for k, h in maps["durations"].items(T.DurationKey, T.DurationHist):
+        for k, h in self._items("durations", T.DurationKey, T.DurationHist):
             s.durations[(k.lport, KIND_NAMES.get(k.kind, "tcp"))] = _histogram(h)
         s.peers = self._read_peers()
         s.headroom = read_headroom(s.processes)
 
         drops: dict[int, int] = defaultdict(int)
-        for k, v in maps["overflow_drops"].items(T.PortKey, ctypes.c_uint64):
+        for k, v in self._items("overflow_drops", T.PortKey, ctypes.c_uint64):
             drops[k.lport] += v
         s.overflow_drops = dict(drops)
 
@@ -214,7 +223,7 @@ class SnapshotReader:
         mp = self.probes.maps["peers"]
         per_port: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         empty = []
-        for k, n in mp.items(T.PeerKey, ctypes.c_int64):
+        for k, n in self._items("peers", T.PeerKey, ctypes.c_int64):
             if n <= 0:
                 empty.append(k)
                 continue
@@ -224,7 +233,8 @@ class SnapshotReader:
         if len(empty) > mp.max_entries // 2:
             for k in empty:
                 try:
-                    mp.delete(k)
+                    if mp.delete(k):
+                        self._entries["peers"] -= 1
                 except LibbpfError:
                     pass
         out = {}
@@ -239,9 +249,9 @@ class SnapshotReader:
         for k in keys:
             if procinfo.is_same_process(k.tgid, k.pstart):
                 continue  # alive after all: its procs entry did not fit
-
             try:
-                mp.delete(k)
+                if mp.delete(k):
+                    self._entries[mp.name] -= 1
             except LibbpfError as e:
                 log.debug("delete stale entry from %s: %s", mp.name, e)
 
@@ -253,6 +263,8 @@ class SnapshotReader:
             mp = maps[name]
             if name == "socks":
                 entries = sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64))
+            elif name in self._entries:
+                entries = self._entries[name]
             else:
                 entries = sum(1 for _ in mp.items(_raw(mp.key_size), _raw(mp.value_size)))
             s.maps[name] = (entries, mp.max_entries,
