@@ -463,8 +463,8 @@ static __always_inline bool forget_stale(__u64 key)
 	if (bpf_map_delete_elem(&socks, &key))
 		return false;
 	socks_live_add(-1);
-	conn_counts_add(&copy, -1, 0, 1);
-	peers_add(&copy, -1);
+	copy.accepted_ns = 0; /* its end is unknown: no lifetime recorded */
+	account_close(&copy);
 	return true;
 }
 
