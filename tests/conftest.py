@@ -40,6 +40,24 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: f
     pytest.fail(f"timed out after {timeout}s waiting for {description or condition} (last: {last!r})")
 
 
+def close_ends_the_server_closed(clients: list[socket.socket], n: int) -> list[socket.socket]:
+    """The server closed n of these connections: close our ends of those n and
+    return the others. Until our end closes too, a server socket can wait in
+    FIN_WAIT2 for tcp_fin_timeout (60 s) before TCP_CLOSE, and connwatch counts
+    a connection until TCP_CLOSE (docs/metrics.md)."""
+    def at_eof(c: socket.socket) -> bool:
+        try:
+            return c.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+
+    wait_for(lambda: sum(map(at_eof, clients)) == n, what=f"{n} connections to see the server's FIN")
+    done = [c for c in clients if at_eof(c)]
+    for c in done:
+        c.close()
+    return [c for c in clients if c not in done]
+
+
 class Metrics:
     """One parsed scrape."""
 

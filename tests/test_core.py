@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, close_ends_the_server_closed, wait_for
 
 
 def connect_many(host: str, port: int, n: int, family=socket.AF_INET) -> list[socket.socket]:
@@ -36,6 +36,7 @@ def test_counts_ipv4_and_ipv6_exactly_then_back_to_zero(agent, server):
     assert series.labels["container"] == ""
 
     assert srv.command("close 40") == "closed 40"
+    clients = close_ends_the_server_closed(clients, 40)
     agent.wait_for_value("connwatch_connections", 0, pid=pid, port=p4)
     m = agent.wait_for_value("connwatch_connections", 0, pid=pid, port=p6)
     assert m.value("connwatch_connections_closed_total", pid=pid, port=p4) == 25

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from conftest import close_ends_the_server_closed
+
 
 def connect_accepted(srv, port: int, n: int) -> list[socket.socket]:
     """n connections the server has accepted (it accepts while we connect)."""
@@ -57,6 +59,7 @@ def test_counts_exact_on_first_scrape_across_restarts(start_agent, server):
     assert m.value("connwatch_peer_connections", port=port, peer="127.0.0.1") == 3500
     # and it keeps counting from there
     assert srv.command("close 500") == "closed 500"
+    clients = close_ends_the_server_closed(clients, 500)
     second.wait_for_value("connwatch_connections", 3000, pid=pid, port=port)
     m = second.wait_for_value("connwatch_connections_closed_total", 500, pid=pid, port=port)
     # closing a seeded connection records no duration: its age is unknown
