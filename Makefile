@@ -57,9 +57,10 @@ $(BUILD)/vmlinux.h:
 	mkdir -p $(BUILD)
 	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
 
+# -mcpu=v3: atomic fetch-and-or (count_accept_once) needs the v3 instruction set (Linux >= 5.12)
 $(BPF_OBJ): bpf/connwatch.bpf.c bpf/connwatch.h $(BUILD)/vmlinux.h
 	mkdir -p $(dir $@)
-	clang -g -O2 -Wall -Werror -target bpf -D__TARGET_ARCH_$(ARCH) \
+	clang -g -O2 -Wall -Werror -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) \
 		-I$(BUILD) -Ibpf -I/usr/include/$(MULTIARCH) -c $< -o $@.tmp
 	llvm-strip -g $@.tmp 2>/dev/null; mv $@.tmp $@
 

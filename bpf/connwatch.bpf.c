@@ -29,6 +29,8 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Filled in by the loader before load. */
 const volatile __u16 websocket_ports[CW_WS_PORTS_MAX] = {};
 const volatile __u32 websocket_ports_len = 0;
+/* no syscall hook: count connections from their handshake (see on_passive_open) */
+const volatile bool count_at_handshake = false;
 
 /*
  * Never read: it pulls the shared enums (and the iterator's record) into the
@@ -93,24 +95,32 @@ struct {
 } overflow_drops SEC(".maps");
 
 /*
- * Listening (netns, address, port) found by the start-up seeding pass. The
- * address matters: a client socket bound to 127.0.0.5:P is not accepted
- * on a listener at 127.0.0.1:P. Wildcard listeners have an all-zero
- * (or ::ffff:0.0.0.0) address.
+ * Who listens on a (netns, address, port): from listen(), the start-up
+ * seeding pass, or a refresh walk. A completed handshake is counted under
+ * this owner until a process claims the connection. The address matters: a
+ * client socket bound to 127.0.0.5:P is not accepted on a listener at
+ * 127.0.0.1:P. Wildcard listeners have an all-zero (or ::ffff:0.0.0.0)
+ * address. With SO_REUSEPORT: one of the listening processes.
  */
-struct seed_listen_key {
+struct listen_key {
 	__u8 addr[CW_ADDR_LEN];
 	__u32 netns;
 	__u16 lport;
 	__u16 _pad;
 };
 
+struct listen_owner {
+	__u64 pstart;
+	__u32 tgid;
+	__u32 _pad;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096);
-	__type(key, struct seed_listen_key);
-	__type(value, __u8);
-} seed_listen_ports SEC(".maps");
+	__type(key, struct listen_key);
+	__type(value, struct listen_owner);
+} listen_owners SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -438,85 +448,235 @@ static __always_inline void socks_live_add(__s64 delta)
 		*n += delta;
 }
 
-/* Stop tracking sk; the caller won the delete, so it does the accounting. */
-static __always_inline void account_close(struct cw_sock *s)
+/*
+ * Count the accept of an entry exactly once: whoever marks it claimed first
+ * (a claiming process, or its close racing with that on another CPU).
+ * Entries made at accept() are born claimed, their accept counted already.
+ */
+static __always_inline void count_accept_once(struct cw_sock *s)
 {
-	conn_counts_add(s, -1, 0, 1);
-	peers_add(s, -1);
-	record_duration(s, bpf_ktime_get_ns());
+	if (!(__sync_fetch_and_or(&s->flags, CW_SOCK_CLAIMED) & CW_SOCK_CLAIMED) && s->accepted_ns)
+		conn_counts_add(s, 0, 1, 0);
 }
 
 /*
- * An entry for a socket address that accept() returns again: if it was not
- * seeded a moment ago (seeded entries have no accept time), its socket is
- * gone and its TCP_CLOSE was missed. Account that close (without a
- * lifetime: its end is unknown) and drop the entry. True if dropped.
+ * Stop tracking the socket at key. Only the caller that wins the delete
+ * accounts the close, so a close is counted once however many paths race
+ * for it. lifetime_known=false: its end is unknown, no duration recorded.
+ */
+static __always_inline bool close_entry(__u64 key, bool lifetime_known)
+{
+	struct cw_sock *s = bpf_map_lookup_elem(&socks, &key);
+	struct cw_sock copy;
+
+	if (!s)
+		return false;
+	count_accept_once(s);
+	copy = *s;
+	if (bpf_map_delete_elem(&socks, &key))
+		return false;
+	socks_live_add(-1);
+	conn_counts_add(&copy, -1, 0, 1);
+	peers_add(&copy, -1);
+	if (lifetime_known)
+		record_duration(&copy, bpf_ktime_get_ns());
+	return true;
+}
+
+/*
+ * An entry left by a socket whose TCP_CLOSE was missed, met again because a
+ * new socket got the same address: account that close and drop the entry.
+ * True if dropped. Entries seeded from the fd tables (no accept time) are
+ * kept: the seeding pass may have found the new socket itself a moment ago.
  */
 static __always_inline bool forget_stale(__u64 key)
 {
 	struct cw_sock *old = bpf_map_lookup_elem(&socks, &key);
-	struct cw_sock copy;
 
-	if (!old || !old->accepted_ns)
-		return false;
-	copy = *old;
-	if (bpf_map_delete_elem(&socks, &key))
-		return false;
-	socks_live_add(-1);
-	copy.accepted_ns = 0; /* its end is unknown: no lifetime recorded */
-	account_close(&copy);
+	return old && old->accepted_ns && close_entry(key, false);
+}
+
+/* Move the open-connection count of s to another owner and/or kind. */
+static __always_inline void reassign(struct cw_sock *s, __u32 tgid, __u64 pstart, __u8 kind)
+{
+	conn_counts_add(s, -1, 0, 0);
+	s->tgid = tgid;
+	s->pstart = pstart;
+	s->kind = kind;
+	conn_counts_add(s, 1, 0, 0);
+}
+
+/* A process showed it holds the connection: from now on it owns it. */
+static __always_inline void claim(struct cw_sock *s, __u32 tgid, __u64 pstart)
+{
+	if (s->tgid != tgid || s->pstart != pstart)
+		reassign(s, tgid, pstart, s->kind);
+	count_accept_once(s);
+}
+
+/* Where a socket was first seen. */
+enum seen_at {
+	SEEN_AT_HANDSHAKE,
+	SEEN_AT_ACCEPT,
+	SEEN_IN_FD_TABLE,
+};
+
+static __always_inline bool same_connection(const struct cw_sock *a, const struct cw_sock *b)
+{
+	const __u64 *pa = (const __u64 *)a->peer, *pb = (const __u64 *)b->peer;
+
+	return a->rport == b->rport && a->lport == b->lport && pa[0] == pb[0] && pa[1] == pb[1];
+}
+
+/*
+ * Is the entry found at a new socket's address this very socket, rather
+ * than one whose TCP_CLOSE was missed? At the handshake: if it has the same
+ * addresses and ports (the second of the two state-change programs). At
+ * accept(): if the seeding pass just found it (no accept time). In an fd
+ * table: always (accept() may have inserted it just now).
+ */
+static __always_inline bool is_this_socket(const struct cw_sock *old, const struct cw_sock *s,
+					   enum seen_at at)
+{
+	if (at == SEEN_AT_HANDSHAKE)
+		return same_connection(old, s);
+	if (at == SEEN_AT_ACCEPT)
+		return !old->accepted_ns;
 	return true;
 }
 
-static __always_inline void on_accept(long fd)
+/*
+ * Start tracking sk as s, whose counts the caller has added already (undone
+ * here if it is not tracked, so nothing counts twice or leaks).
+ */
+static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum seen_at at)
 {
-	struct sock *sk = sock_from_fd(fd);
-	struct cw_sock s = {};
 	__u64 key = (__u64)sk;
+	struct cw_sock *old;
 	long err;
 
-	if (!sk || !is_tcp_inet(sk))
-		return;
-	s.accepted_ns = bpf_ktime_get_ns();
-	s.pstart = current_pstart();
-	s.tgid = note_current_process(s.pstart);
-	s.lport = local_port(sk);
-	read_peer(sk, s.peer);
-	if (is_websocket_port(s.lport)) {
-		s.kind = CW_KIND_WEBSOCKET;
-		s.class_state = CW_CLASS_DONE;
+	err = bpf_map_update_elem(&socks, &key, s, BPF_NOEXIST);
+	if (err == -EEXIST) {
+		old = bpf_map_lookup_elem(&socks, &key);
+		if (old && !is_this_socket(old, s, at) && forget_stale(key))
+			err = bpf_map_update_elem(&socks, &key, s, BPF_NOEXIST);
 	}
-
-	conn_counts_add(&s, 1, 1, 0);
-	peers_add(&s, 1);
-	err = bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST);
-	if (err == -EEXIST && forget_stale(key))
-		err = bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST);
 	if (err) {
-		/*
-		 * -EEXIST: start-up seeding found the socket in the fd table
-		 * just before this accept() returned, so it is tracked already.
-		 * Otherwise the map is full and the connection goes untracked.
-		 * Either way it must not count as open twice (or ever leak).
-		 */
+		/* -EEXIST: tracked already; anything else: the map is full */
 		if (err != -EEXIST)
 			count_map_full(CW_MAP_SOCKS);
-		conn_counts_add(&s, -1, 0, 0);
-		peers_add(&s, -1);
+		conn_counts_add(s, -1, 0, 0);
+		peers_add(s, -1);
 		return;
 	}
 	socks_live_add(1);
 	/*
 	 * A peer may have reset the connection while it sat in the accept queue,
 	 * or just now on another CPU, before our entry existed: then no
-	 * TCP_CLOSE event will come for it. Whoever deletes the entry accounts
-	 * the close, so it is counted exactly once.
+	 * TCP_CLOSE event will come for it.
 	 */
-	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE &&
-	    bpf_map_delete_elem(&socks, &key) == 0) {
-		socks_live_add(-1);
-		account_close(&s);
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
+		close_entry(key, true);
+}
+
+static __always_inline void init_sock(struct cw_sock *s, const struct sock *sk, __u64 accepted_ns)
+{
+	s->accepted_ns = accepted_ns;
+	s->lport = local_port(sk);
+	s->rport = BPF_CORE_READ(sk, __sk_common.skc_dport);
+	read_peer(sk, s->peer);
+	if (is_websocket_port(s->lport)) {
+		s->kind = CW_KIND_WEBSOCKET;
+		s->class_state = CW_CLASS_DONE;
 	}
+}
+
+/* With syscall tracing: a connection starts when accept() returns it. */
+static __always_inline void on_accept(long fd)
+{
+	struct sock *sk = sock_from_fd(fd);
+	struct cw_sock s = {}, *known;
+	__u64 key = (__u64)sk;
+	__u64 pstart;
+	__u32 tgid;
+
+	if (!sk || !is_tcp_inet(sk))
+		return;
+	pstart = current_pstart();
+	tgid = note_current_process(pstart);
+	known = bpf_map_lookup_elem(&socks, &key);
+	if (known && is_this_socket(known, NULL, SEEN_AT_ACCEPT))
+		return; /* the seeding pass found it in our fd table a moment ago */
+	init_sock(&s, sk, bpf_ktime_get_ns());
+	s.tgid = tgid;
+	s.pstart = pstart;
+	s.flags = CW_SOCK_CLAIMED;
+	conn_counts_add(&s, 1, 1, 0);
+	peers_add(&s, 1);
+	track(sk, &s, SEEN_AT_ACCEPT);
+}
+
+/* Owner of the listener for this socket's local address and port (or a wildcard). */
+static __always_inline struct listen_owner *listener_of(struct listen_key *port, const struct sock *sk)
+{
+	struct listen_owner *owner;
+
+	read_local(sk, port->addr);
+	owner = bpf_map_lookup_elem(&listen_owners, port);
+	if (owner)
+		return owner;
+	if (port->addr[10] == 0xff && port->addr[11] == 0xff) {
+		/* an IPv4 address: 0.0.0.0 */
+		port->addr[12] = port->addr[13] = port->addr[14] = port->addr[15] = 0;
+		owner = bpf_map_lookup_elem(&listen_owners, port);
+		if (owner)
+			return owner;
+	}
+	__builtin_memset(port->addr, 0, CW_ADDR_LEN); /* :: (also takes IPv4 when dual-stack) */
+	return bpf_map_lookup_elem(&listen_owners, port);
+}
+
+static __always_inline void note_listener(const struct sock *sk, __u32 netns, __u32 tgid, __u64 pstart)
+{
+	struct listen_owner owner = { .pstart = pstart, .tgid = tgid };
+	struct listen_key port = { .netns = netns };
+
+	read_local(sk, port.addr);
+	port.lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	if (bpf_map_update_elem(&listen_owners, &port, &owner, BPF_ANY))
+		count_map_full(CW_MAP_LISTENERS);
+}
+
+/*
+ * Without syscall tracing: a connection starts when its handshake completes
+ * (SYN_RECV -> ESTABLISHED, in softirq), counted under the listener's owner
+ * until a process claims it. An unknown listener's connections are picked
+ * up by the next refresh walk of the fd tables.
+ */
+static __always_inline void on_passive_open(const struct sock *sk)
+{
+	struct listen_key port = {};
+	struct listen_owner *owner;
+	struct cw_sock s = {}, *known;
+	__u64 key = (__u64)sk;
+
+	if (!is_tcp_inet(sk))
+		return;
+	port.netns = sock_netns(sk);
+	port.lport = local_port(sk);
+	owner = listener_of(&port, sk);
+	if (!owner)
+		return;
+	init_sock(&s, sk, bpf_ktime_get_ns());
+	/* the handler runs twice when nothing nests (see cw_sock_state_nested) */
+	known = bpf_map_lookup_elem(&socks, &key);
+	if (known && is_this_socket(known, &s, SEEN_AT_HANDSHAKE))
+		return;
+	s.tgid = owner->tgid;
+	s.pstart = owner->pstart;
+	conn_counts_add(&s, 1, 0, 0);
+	peers_add(&s, 1);
+	track(sk, &s, SEEN_AT_HANDSHAKE);
 }
 
 static __always_inline void on_listen(const struct pt_regs *regs)
@@ -537,6 +697,7 @@ static __always_inline void on_listen(const struct pt_regs *regs)
 	/* listen() may be called again to change the backlog: overwrite */
 	if (bpf_map_update_elem(&listeners, &key, &l, BPF_ANY))
 		count_map_full(CW_MAP_LISTENERS);
+	note_listener(sk, l.netns, l.tgid, l.pstart);
 }
 
 static __always_inline void count_failure(void *map, __u32 map_id, long nr, long err)
@@ -683,16 +844,6 @@ static __always_inline __u16 http_status(const char *buf, __u32 len)
 	return (buf[9] - '0') * 100 + (buf[10] - '0') * 10 + (buf[11] - '0');
 }
 
-/* Move the open-connection count of s to another owner and/or kind. */
-static __always_inline void reassign(struct cw_sock *s, __u32 tgid, __u64 pstart, __u8 kind)
-{
-	conn_counts_add(s, -1, 0, 0);
-	s->tgid = tgid;
-	s->pstart = pstart;
-	s->kind = kind;
-	conn_counts_add(s, 1, 0, 0);
-}
-
 /*
  * The process doing a connection's first I/O owns it: a server that
  * accepts in one process and serves in another (Node's cluster module in
@@ -703,11 +854,11 @@ static __always_inline void take_ownership(struct cw_sock *s)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	__u64 pstart;
 
-	if (tgid == s->tgid)
+	if (tgid == s->tgid && (s->flags & CW_SOCK_CLAIMED))
 		return;
 	pstart = current_pstart();
 	note_current_process(pstart);
-	reassign(s, tgid, pstart, s->kind);
+	claim(s, tgid, pstart);
 }
 
 static __always_inline void count_upgrade(const struct cw_sock *s, __u16 status)
@@ -787,26 +938,43 @@ int BPF_PROG(cw_sys_exit, struct pt_regs *regs, long ret)
 	return 0;
 }
 
-/* TCP_CLOSE ends an accepted connection or a listener. */
+/* A listener closed: drop it, and its owner entry if it is the one recorded there. */
+static __always_inline void forget_listener(const struct sock *sk)
+{
+	struct listen_key port = { .netns = sock_netns(sk) };
+	struct listen_owner *owner;
+	struct cw_listener *l;
+	__u64 key = (__u64)sk;
+
+	l = bpf_map_lookup_elem(&listeners, &key);
+	if (!l)
+		return;
+	read_local(sk, port.addr);
+	port.lport = l->lport; /* skc_num is zeroed by now */
+	owner = bpf_map_lookup_elem(&listen_owners, &port);
+	if (owner && owner->tgid == l->tgid && owner->pstart == l->pstart)
+		bpf_map_delete_elem(&listen_owners, &port);
+	bpf_map_delete_elem(&listeners, &key);
+}
+
+/*
+ * A completed handshake starts a connection to a listener; TCP_CLOSE ends
+ * it, or ends a listener.
+ */
 static __always_inline void on_state_change(const struct sock *sk, int oldstate, int newstate)
 {
 	__u64 key = (__u64)sk;
-	struct cw_sock *s;
 
-	if (newstate != TCP_CLOSE)
-		return;
-	s = bpf_map_lookup_elem(&socks, &key);
-	if (s) {
-		struct cw_sock copy = *s;
-
-		if (bpf_map_delete_elem(&socks, &key) == 0) {
-			socks_live_add(-1);
-			account_close(&copy);
-		}
+	if (newstate == TCP_ESTABLISHED && oldstate == TCP_SYN_RECV && count_at_handshake) {
+		on_passive_open(sk);
 		return;
 	}
+	if (newstate != TCP_CLOSE)
+		return;
 	if (oldstate == TCP_LISTEN)
-		bpf_map_delete_elem(&listeners, &key);
+		forget_listener(sk);
+	else
+		close_entry(key, true);
 }
 
 /*
@@ -947,9 +1115,7 @@ int cw_seed_listeners(struct bpf_iter__task_file *ctx)
 	struct task_struct *task = ctx->task;
 	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
 	struct cw_listener l = {};
-	struct seed_listen_key port = {};
 	__u64 key = (__u64)sk;
-	__u8 one = 1;
 
 	if (!sk || BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN)
 		return 0;
@@ -963,41 +1129,33 @@ int cw_seed_listeners(struct bpf_iter__task_file *ctx)
 	note_task_process(task, l.tgid, l.pstart);
 	if (bpf_map_update_elem(&listeners, &key, &l, BPF_NOEXIST) == -E2BIG)
 		count_map_full(CW_MAP_LISTENERS);
-	read_local(sk, port.addr);
-	port.netns = l.netns;
-	port.lport = l.lport;
-	bpf_map_update_elem(&seed_listen_ports, &port, &one, BPF_ANY);
+	note_listener(sk, l.netns, l.tgid, l.pstart);
 	return 0;
 }
 
-/* Is there a listener for this socket's local address and port (or a wildcard)? */
-static __always_inline bool listened_on(struct seed_listen_key *port, const struct sock *sk)
+/* Has anything been exchanged on this connection yet? */
+static __always_inline bool exchanged_data(const struct sock *sk)
 {
-	read_local(sk, port->addr);
-	if (bpf_map_lookup_elem(&seed_listen_ports, port))
-		return true;
-	if (port->addr[10] == 0xff && port->addr[11] == 0xff) {
-		/* an IPv4 address: 0.0.0.0 */
-		port->addr[12] = port->addr[13] = port->addr[14] = port->addr[15] = 0;
-		if (bpf_map_lookup_elem(&seed_listen_ports, port))
-			return true;
-	}
-	__builtin_memset(port->addr, 0, CW_ADDR_LEN); /* :: (also takes IPv4 when dual-stack) */
-	return bpf_map_lookup_elem(&seed_listen_ports, port) != NULL;
+	const struct tcp_sock *tp = (const struct tcp_sock *)sk;
+
+	return BPF_CORE_READ(tp, bytes_received) || BPF_CORE_READ(tp, bytes_sent);
 }
 
 /*
- * Seeding, pass 2: connections that already exist, accepted (their local
- * port is a listening port of their namespace) and not yet closed.
+ * Seeding, pass 2 (and, without syscall tracing, every refresh): the
+ * connections held in fd tables. One nobody claimed yet is claimed by its
+ * holder. An untracked one whose local address is a listener's (so it was
+ * accepted, not made outbound) is tracked, without an accept time.
  */
 SEC("iter/task_file")
 int cw_seed_conns(struct bpf_iter__task_file *ctx)
 {
 	struct task_struct *task = ctx->task;
 	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
-	struct seed_listen_key port = {};
-	struct cw_sock s = {};
+	struct listen_key port = {};
+	struct cw_sock s = {}, *known;
 	__u64 key = (__u64)sk;
+	__u64 pstart;
 	int state;
 
 	if (!sk)
@@ -1005,28 +1163,29 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 	state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	if (state == TCP_LISTEN || state == TCP_CLOSE || state == TCP_SYN_SENT)
 		return 0;
+	pstart = BPF_CORE_READ(task, group_leader, start_boottime);
+	known = bpf_map_lookup_elem(&socks, &key);
+	if (known) {
+		if (!(known->flags & CW_SOCK_CLAIMED)) {
+			note_task_process(task, task->tgid, pstart);
+			claim(known, task->tgid, pstart);
+		}
+		return 0;
+	}
 	port.netns = sock_netns(sk);
 	port.lport = local_port(sk);
-	if (!listened_on(&port, sk))
+	if (!listener_of(&port, sk))
 		return 0; /* an outbound connection */
+	init_sock(&s, sk, 0);
+	if (exchanged_data(sk))
+		s.class_state = CW_CLASS_DONE; /* mid-stream: its first exchange is gone */
 	s.tgid = task->tgid;
-	s.pstart = BPF_CORE_READ(task, group_leader, start_boottime);
-	s.lport = port.lport;
-	read_peer(sk, s.peer);
-	s.kind = is_websocket_port(s.lport) ? CW_KIND_WEBSOCKET : CW_KIND_TCP;
-	s.class_state = CW_CLASS_DONE; /* mid-stream: its first exchange is long gone */
-	if (bpf_map_update_elem(&socks, &key, &s, BPF_NOEXIST))
-		return 0; /* already tracked (shared with another process), or full */
+	s.pstart = pstart;
+	s.flags = CW_SOCK_CLAIMED;
 	note_task_process(task, s.tgid, s.pstart);
-	socks_live_add(1);
 	conn_counts_add(&s, 1, 0, 0);
 	peers_add(&s, 1);
-	/* closed while we looked: whoever deletes the entry accounts for it */
-	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE &&
-	    bpf_map_delete_elem(&socks, &key) == 0) {
-		socks_live_add(-1);
-		account_close(&s);
-	}
+	track(sk, &s, SEEN_IN_FD_TABLE);
 	return 0;
 }
 

@@ -91,16 +91,26 @@ enum cw_map_id {
 
 /* socks: one entry per accepted, not yet closed TCP socket (key: struct sock *). */
 struct cw_sock {
-	__u64 accepted_ns;	/* bpf_ktime_get_ns() at accept */
+	__u64 accepted_ns;	/* bpf_ktime_get_ns() at handshake completion, 0 if unknown */
 	__u64 pstart;		/* owner's start_boottime */
 	__u8 peer[CW_ADDR_LEN];
-	__u32 tgid;		/* owner: the process that accepted, or that did the first I/O */
+	__u32 tgid;		/* owner: see CW_SOCK_CLAIMED */
 	__u16 lport;		/* local (listening) port, host order */
 	__u16 status;		/* HTTP status of an upgrade answer, 0 if none */
 	__u8 kind;		/* enum cw_kind */
 	__u8 class_state;	/* enum cw_class_state */
-	__u8 _pad[6];
+	__u16 rport;		/* peer port, network order: with peer and lport, tells sockets apart */
+	__u32 flags;		/* CW_SOCK_*; 32 bits for atomic or */
 };
+
+/*
+ * Without syscall tracing, an entry is made when the handshake completes,
+ * under the listener's owner; the owner is claimed by the first read/write
+ * or a refresh walk of the fd tables, whichever comes first, and the accept
+ * is counted then (or at close, if it closes unclaimed). With syscall
+ * tracing, accept() makes the entry, claimed.
+ */
+#define CW_SOCK_CLAIMED 1
 
 /* conn_counts: per process, local port and kind. */
 struct cw_conn_key {

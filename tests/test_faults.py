@@ -18,7 +18,7 @@ def build_refused_object(tmp_path) -> str:
     arch = subprocess.run(["uname", "-m"], capture_output=True, text=True).stdout.strip()
     target = {"x86_64": "x86", "aarch64": "arm64"}[arch]
     multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True, text=True).stdout.strip()
-    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", f"-D__TARGET_ARCH_{target}",
+    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", "-mcpu=v3", f"-D__TARGET_ARCH_{target}",
                     f"-I{ROOT / 'build'}", f"-I{ROOT / 'bpf'}", f"-I/usr/include/{multiarch}",
                     "-c", str(ROOT / "tests" / "bpf" / "refused_probe.bpf.c"), "-o", str(out)], check=True)
     return str(out)

@@ -77,7 +77,8 @@ class Syscall(enum.IntEnum):
 class Sock(ctypes.Structure):
     _fields_ = [
         ("accepted_ns", u64), ("pstart", u64), ("peer", u8 * ADDR_LEN), ("tgid", u32),
-        ("lport", u16), ("status", u16), ("kind", u8), ("class_state", u8), ("_pad", u8 * 6),
+        ("lport", u16), ("status", u16), ("kind", u8), ("class_state", u8), ("rport", u16),
+        ("flags", u32),
     ]
 
 

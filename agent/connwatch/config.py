@@ -59,6 +59,12 @@ class Config:
     # turn on the kernel's BPF run-time statistics while the agent runs, so
     # connwatch_bpf_program_run_seconds_total is filled (costs ~20 ns per run)
     bpf_stats: bool = False
+    # hook every syscall's return (tp_btf/sys_exit) for EMFILE/ENFILE,
+    # EADDRNOTAVAIL, listen()'s requested backlog and immediate ownership at
+    # accept(). Off: no syscall pays anything (any syscall hook puts every
+    # syscall of every task on the kernel's slow path; docs/performance.md)
+    # and those metrics are absent; connections are still counted.
+    syscall_tracing: bool = True
     peers: PeerConfig = field(default_factory=PeerConfig)
     maps: MapConfig = field(default_factory=MapConfig)
 

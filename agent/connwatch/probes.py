@@ -35,6 +35,12 @@ PROBES = {
 
 # iterator programs: attached as iterator links, run on demand
 ITERATORS = {"cw_seed_listeners", "cw_seed_conns", "cw_listener_stats"}
+SEED_ITERATORS = ("cw_seed_listeners", "cw_seed_conns")
+
+
+def switched_off(cfg: Config) -> set[str]:
+    """Programs the configuration turns off (not loaded, not reported as probes)."""
+    return set() if cfg.syscall_tracing else {"cw_sys_exit"}
 
 INSTALLED_OBJECT = "/usr/share/connwatch/bpf/connwatch.bpf.o"
 
@@ -60,21 +66,23 @@ def find_object(configured: str = "") -> str:
 
 def _configure(obj: BpfObject, cfg: Config) -> None:
     for name, mp in obj.maps.items():
-        cap = getattr(cfg.maps, name, None)
+        # one owner entry per listening address: sized like the listeners
+        cap = getattr(cfg.maps, "listeners" if name == "listen_owners" else name, None)
         if cap:
             mp.set_max_entries(cap)
     ports = (ctypes.c_uint16 * bpf_types.WS_PORTS_MAX)(*cfg.websocket_ports)
     obj.set_rodata("websocket_ports", ports)
     obj.set_rodata("websocket_ports_len", ctypes.c_uint32(len(cfg.websocket_ports)))
+    obj.set_rodata("count_at_handshake", ctypes.c_bool(not cfg.syscall_tracing))
 
 
 def _open(path: str, cfg: Config, only: set[str] | None = None) -> BpfObject:
     obj = BpfObject(path)
     try:
         _configure(obj, cfg)
-        if only is not None:
-            for name, prog in obj.programs.items():
-                prog.autoload = name in only
+        off = switched_off(cfg)
+        for name, prog in obj.programs.items():
+            prog.autoload = name not in off and (only is None or name in only)
     except Exception:
         obj.close()
         raise
@@ -96,6 +104,13 @@ class Probes:
         prog = self.obj.programs.get(name)
         return prog.run_iter() if prog is not None and prog.attached else None
 
+    def walk_fd_tables(self) -> bool:
+        """Record the listeners and accepted connections held in every
+        process's fd table that the probes have not seen, and give connections
+        nobody has claimed yet to the process holding them. False if an
+        iterator is not attached."""
+        return all(self.run_iterator(name) is not None for name in SEED_ITERATORS)
+
     def seed(self) -> tuple[int, int]:
         """Record listeners and accepted connections that predate the agent.
 
@@ -103,9 +118,9 @@ class Probes:
         the two; the BPF side inserts with BPF_NOEXIST, so sockets the
         probes already track are left alone. Returns (listeners, sockets).
         """
-        for name in ("cw_seed_listeners", "cw_seed_conns"):
-            if self.run_iterator(name) is None:
-                log.warning("start-up seeding skipped: %s is not attached", PROBES[name])
+        if not self.walk_fd_tables():
+            log.warning("start-up seeding incomplete: %s not attached",
+                        " or ".join(PROBES[n] for n in SEED_ITERATORS))
         maps = self.obj.maps
         return (sum(1 for _ in maps["listeners"].items(ctypes.c_uint64, bpf_types.Listener)),
                 sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64)))
@@ -119,7 +134,7 @@ def _loadable(path: str, cfg: Config) -> tuple[set[str], dict[str, str]]:
     with BpfObject(path) as probe:
         names = list(probe.programs)
     ok, errors = set(), {}
-    for name in names:
+    for name in set(names) - switched_off(cfg):
         obj = _open(path, cfg, only={name})
         try:
             obj.load()
@@ -158,8 +173,12 @@ def load_and_attach(cfg: Config) -> Probes:
         obj.load()
 
     probes = Probes(obj, errors=dict(errors))
+    off = switched_off(cfg)
     for name, prog in obj.programs.items():
         probe = PROBES.get(name, name)
+        if name in off:
+            log.info("probe %s switched off by configuration", probe)
+            continue
         if not prog.autoload:
             probes.enabled[probe] = False
             log.warning("probe %s disabled: %s", probe, errors.get(name, "not loaded"))

@@ -118,6 +118,10 @@ class SnapshotReader:
         t0 = time.monotonic()
         s = Snapshot(ready=True, probes=dict(self.probes.enabled))
         maps = self.probes.maps
+        if not self.cfg.syscall_tracing:
+            # no listen()/accept() events: new listeners and the owners of
+            # connections nobody has read or written yet come from the fd tables
+            self.probes.walk_fd_tables()
         self._entries = {}
         # Counters first, identities second: a process that starts in between
         # is then already in `procs`, so its fresh counters are never dropped.
