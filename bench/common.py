@@ -77,7 +77,7 @@ def build() -> dict[str, Path]:
         o = BUILD / f"{name}.bpf.o"
         deps = [c, ROOT / "bpf" / "connwatch.h"] + ([ROOT / "bpf" / "connwatch.bpf.c"] if name == "alt" else [])
         if _stale(o, *deps):
-            subprocess.run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf",
+            subprocess.run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3",
                             f"-D__TARGET_ARCH_{_arch()}", f"-I{vmlinux.parent}", f"-I{ROOT / 'bpf'}",
                             f"-I/usr/include/{_multiarch()}", "-c", str(c), "-o", f"{o}.tmp"], check=True)
             subprocess.run(["llvm-strip", "-g", f"{o}.tmp"], check=False)
@@ -337,6 +337,7 @@ class Agent:
         import yaml
 
         self.cfg_path.write_text(yaml.safe_dump(config or {}))
+        self.syscall_tracing = (config or {}).get("syscall_tracing", True)
         self.log_path = BUILD / f"{tag}-{os.getpid()}.log"
         exe = ROOT / ".venv" / "bin" / "connwatch"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "connwatch.cli"]
@@ -365,8 +366,9 @@ class Agent:
                 m = {(n, lab.get("probe")): v for n, lab, v in parse_metrics(self.scrape()[1])}
                 if m.get(("connwatch_ready", None)) == 1:
                     self.probes = {p: v == 1 for (n, p), v in m.items() if n == "connwatch_probe_enabled"}
-                    if m.get(("connwatch_probe_enabled", "sys_exit")) != 1:
-                        raise RuntimeError("agent ready but its sys_exit probe is not attached")
+                    want = "sys_exit" if self.syscall_tracing else "inet_sock_set_state"
+                    if m.get(("connwatch_probe_enabled", want)) != 1:
+                        raise RuntimeError(f"agent ready but its {want} probe is not attached")
                     return
             except OSError:
                 pass

@@ -33,7 +33,8 @@ class _AgentSpan:
     off,on | on,off | off,on ..., so attached phases come in pairs): half the
     agent start-ups, which matters when start-up is slow."""
 
-    def __init__(self):
+    def __init__(self, config: dict | None = None):
+        self.config = config
         self.agent: C.Agent | None = None
         self.ports: list[int] = []
         self.conns = 0
@@ -42,7 +43,7 @@ class _AgentSpan:
 
     def attach(self) -> C.Agent:
         if self.agent is None:
-            self.agent = C.Agent(tag="churn")
+            self.agent = C.Agent(self.config, tag="churn")
             self.startups.append(self.agent.startup_seconds)
             self.ports, self.conns = [], 0
         return self.agent
@@ -87,12 +88,12 @@ def agent_config(profile) -> dict:
     return {"refresh_interval_seconds": profile.agent_refresh}
 
 
-def _paired(profile, rates: list[float], rounds: int) -> dict[float, list[dict]]:
+def _paired(profile, rates: list[float], rounds: int, config: dict | None = None) -> dict[float, list[dict]]:
     """Rounds of (detached, attached) pairs for each offered rate. The order
     within a pair alternates globally (off,on | on,off | off,on ...), which
     cancels drift and lets one agent serve two adjacent attached phases."""
     rows: dict[float, list[dict]] = {r: [] for r in rates}
-    span = _AgentSpan()
+    span = _AgentSpan(config)
     k = 0
     try:
         for r in range(rounds):
@@ -136,9 +137,16 @@ def _churn_summary(profile, rows: list[dict], rate: float, span) -> dict:
     }
 
 
+# the agent without its syscall hook (configuration key syscall_tracing)
+NO_SYSCALL_TRACING = {"syscall_tracing": False}
+
+
 def churn(profile) -> dict:
     rows = _paired(profile, [0], profile.rounds)
-    return _churn_summary(profile, rows[0], 0, rows["span"])
+    out = _churn_summary(profile, rows[0], 0, rows["span"])
+    rows = _paired(profile, [0], profile.rounds, NO_SYSCALL_TRACING)
+    out["no_syscall_tracing"] = _churn_summary(profile, rows[0], 0, rows["span"])
+    return out
 
 
 def churn_growth(profile) -> dict:
@@ -153,6 +161,7 @@ SYSCALL_CONDITIONS = {  # the order of a forward round; "agent" last (see syscal
     "cw_sys_exit": "(a') connwatch's cw_sys_exit program alone",
     "empty": "(b) empty tp_btf/sys_exit program",
     "alt": "(c) per-syscall tracepoints syscalls:sys_exit_{accept4,socket,openat,...} (alternative design)",
+    "agent_no_syscalls": "(d) connwatch agent with syscall_tracing: false (no syscall hook at all)",
     "agent": "(a) connwatch agent running (all its probes, incl. tp_btf/sys_exit)",
 }
 
@@ -164,6 +173,8 @@ class _Attach:
         self.agent = self.bpf = None
         if cond == "agent":
             self.agent = agent or C.Agent(tag="syscall")
+        elif cond == "agent_no_syscalls":
+            self.agent = C.Agent(NO_SYSCALL_TRACING, tag="syscall-nosys")
         elif cond == "cw_sys_exit":
             self.bpf = C.Bpf(C.AGENT_OBJ, only={"cw_sys_exit"})
         elif cond == "empty":

@@ -276,7 +276,8 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
 def scale(profile) -> dict:
     levels = profile.levels
     nproc = max(profile.holder_procs, math.ceil(max(levels) / PER_PROCESS_MAX))
-    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh}, tag="scale")
+    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh,
+                     "syscall_tracing": profile.scale_syscall_tracing}, tag="scale")
     holders = None
     try:
         holders = Holders(nproc)

@@ -66,10 +66,12 @@ def test_bench_smoke(tmp_path):
     assert _finite_positive(c["rate_off"]["median"]) and _finite_positive(c["rate_on"]["median"])
     assert 0.05 < c["ratio"]["median"] < 20  # a ratio, of two real measurements
     assert c["agent_alive_after_load"] and all(c["agent_alive_after_load"])
+    n = c["no_syscall_tracing"]  # the same, with the agent's syscall hook switched off
+    assert _finite_positive(n["rate_on"]["median"]) and all(n["agent_alive_after_load"])
 
     s = r["syscall"]
     for mode in ("getppid", "pipe"):
-        for cond in ("none", "agent", "cw_sys_exit", "empty", "alt"):
+        for cond in ("none", "agent", "agent_no_syscalls", "cw_sys_exit", "empty", "alt"):
             assert _finite_positive(s[mode][cond]["ns_per_iter"]["median"]), (mode, cond)
     # a pipe round trip is two syscalls that move data: dearer than one getppid
     assert s["pipe"]["none"]["ns_per_iter"]["median"] > s["getppid"]["none"]["ns_per_iter"]["median"]
