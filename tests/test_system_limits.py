@@ -292,3 +292,41 @@ def test_parsers_on_real_files():
     assert "ListenOverflows" in netstat["TcpExt"] and "ListenDrops" in netstat["TcpExt"]
     assert system.parse_port_ranges("8000-8002,9000,") == {8000, 8001, 8002, 9000}
     assert system.parse_port_ranges("\n") == set()
+
+
+def test_socket_table_numbers_are_carried_between_recounts():
+    first = read_system()
+    later = read_system(with_socket_table=False, previous=first)
+    for name in system.SOCKET_TABLE_FIELDS:
+        assert getattr(later, name) == getattr(first, name), name
+    assert read_system(with_socket_table=False).ephemeral_ports_in_use is None
+
+
+@pytest.mark.parametrize("interval, recounted", [(0.1, True), (3600, False)])
+def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interval, recounted):
+    """200 outbound connections to one listener make it the busiest
+    destination — seen at the next recount, not before."""
+    import socket
+
+    from conftest import wait_for
+
+    agent = start_agent(f"socket_table_interval_seconds: {interval}\n")
+    before = agent.scrape()
+    busiest = before.value("connwatch_system_ephemeral_ports_in_use_max_destination")
+    assert busiest is not None and busiest < 200
+    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(200)]
+    try:
+        if recounted:
+            wait_for(lambda: agent.scrape().value("connwatch_system_ephemeral_ports_in_use_max_destination") >= 200,
+                     what="the new connections in the next socket-table count")
+        else:
+            # several refreshes later the snapshot is newer, the socket-table count is not
+            t0 = before.value("connwatch_snapshot_timestamp_seconds")
+            m = wait_for(lambda: (lambda m: m if m.value("connwatch_snapshot_timestamp_seconds") > t0 + 0.3
+                                  else None)(agent.scrape()), what="three refreshes")
+            assert m.value("connwatch_system_ephemeral_ports_in_use_max_destination") == busiest
+    finally:
+        for c in clients:
+            c.close()
+        listener.close()

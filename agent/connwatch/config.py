@@ -65,12 +65,17 @@ class Config:
     # syscall of every task on the kernel's slow path; docs/performance.md)
     # and those metrics are absent; connections are still counted.
     syscall_tracing: bool = True
+    # the ephemeral-port numbers walk the whole socket table (sock_diag),
+    # the one part of a refresh whose cost grows with every socket on the
+    # host: done at most this often, other refreshes reuse its numbers
+    socket_table_interval_seconds: float = 10.0
     peers: PeerConfig = field(default_factory=PeerConfig)
     maps: MapConfig = field(default_factory=MapConfig)
 
 
 _RANGES: dict[str, tuple[float, float]] = {
     "refresh_interval_seconds": (0.05, 300),
+    "socket_table_interval_seconds": (0.05, 3600),
     "max_process_series": (1, 100000),
     "peers.top_k": (0, 1000),
     "peers.ipv4_prefix": (0, 32),

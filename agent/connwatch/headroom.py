@@ -28,7 +28,10 @@ class HeadroomSnapshot:
     process_fds: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
-def read_headroom(pids: Iterable[int]) -> HeadroomSnapshot:
+def read_headroom(pids: Iterable[int], with_socket_table: bool = True,
+                  previous: HeadroomSnapshot | None = None) -> HeadroomSnapshot:
+    """Per-process fd use and the system limits. with_socket_table=False keeps
+    the previous reading's socket-table numbers (see read_system)."""
     per_process: dict[int, tuple[int, int]] = {}
     for pid in pids:
         open_count = fds.open_fds(pid)
@@ -36,7 +39,8 @@ def read_headroom(pids: Iterable[int]) -> HeadroomSnapshot:
         if open_count is None or limit is None:
             continue  # exited (or became unreadable) between the two reads
         per_process[pid] = (open_count, limit)
-    return HeadroomSnapshot(system=read_system(), process_fds=per_process)
+    system = read_system(with_socket_table, previous.system if previous else None)
+    return HeadroomSnapshot(system=system, process_fds=per_process)
 
 
 def _gauge(name: str, doc: str, value: int | None) -> Iterator[Metric]:

@@ -93,6 +93,8 @@ class SnapshotReader:
         # entries of each map as read by the current read(), so map fill is
         # counted from the same pass instead of iterating every map again
         self._entries: dict[str, int] = {}
+        self._headroom: HeadroomSnapshot | None = None
+        self._socket_table_read_at = float("-inf")
 
     def _items(self, name: str, key_type, value_type) -> list:
         items = list(self.probes.maps[name].items(key_type, value_type))
@@ -185,7 +187,10 @@ class SnapshotReader:
         for k, h in self._items("durations", T.DurationKey, T.DurationHist):
             s.durations[(k.lport, KIND_NAMES.get(k.kind, "tcp"))] = _histogram(h)
         s.peers = self._read_peers()
-        s.headroom = read_headroom(s.processes)
+        due = t0 - self._socket_table_read_at >= self.cfg.socket_table_interval_seconds
+        if due:
+            self._socket_table_read_at = t0
+        s.headroom = self._headroom = read_headroom(s.processes, due, self._headroom)
 
         drops: dict[int, int] = defaultdict(int)
         for k, v in self._items("overflow_drops", T.PortKey, ctypes.c_uint64):

@@ -412,13 +412,20 @@ def read_port_range() -> tuple[int, int] | None:
     return (values[0], values[1]) if values and len(values) == 2 else None
 
 
-def read_system(with_socket_table: bool = True) -> SystemLimits:
+SOCKET_TABLE_FIELDS = ("ephemeral_ports_in_use", "busiest_destination",
+                       "busiest_destination_ports_in_use", "socket_table_source")
+
+
+def read_system(with_socket_table: bool = True, previous: SystemLimits | None = None) -> SystemLimits:
     """Read every limit and usage; never raises for a missing or unreadable file.
 
     with_socket_table=False skips the socket-table walk (the ephemeral-port
-    numbers), the only part whose cost grows with the number of sockets.
+    numbers), the only part whose cost grows with the number of sockets; its
+    numbers are then taken from `previous`, if given.
     """
     fields: dict = {}
+    if not with_socket_table and previous is not None:
+        fields.update({k: getattr(previous, k) for k in SOCKET_TABLE_FIELDS})
     file_nr = read_ints(f"{PROC}/sys/fs/file-nr")
     if file_nr and len(file_nr) >= 3:
         # allocated - free (free is always 0 since 2.6, but be exact)
