@@ -273,6 +273,7 @@ def main(argv=None) -> int:
     g.add_argument("--smoke", action="store_true", help="smallest run (the smoke test's, < 30 s)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {','.join(ALL)}")
     ap.add_argument("--rounds", type=int, help="override churn rounds")
+    ap.add_argument("--syscall-rounds", type=int, help="override syscall rounds")
     ap.add_argument("--levels", help="override scale levels, e.g. 1000,10000")
     ap.add_argument("--scale-without-syscall-tracing", action="store_true",
                     help="run the scale agent with syscall_tracing: false (fd-table walk every refresh)")
@@ -286,6 +287,8 @@ def main(argv=None) -> int:
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
     if args.rounds:
         profile.rounds = args.rounds
+    if args.syscall_rounds:
+        profile.syscall_rounds = args.syscall_rounds
     if args.levels:
         profile.levels = tuple(int(x) for x in args.levels.split(","))
     if args.scale_without_syscall_tracing:

@@ -392,6 +392,18 @@ class Agent:
     def metrics(self):
         return parse_metrics(self.scrape()[1])
 
+    def settle(self, busy_fraction: float = 0.05, window: float = 0.5, timeout: float = 20.0) -> float:
+        """Wait until the agent's start-up work is over (its CPU use over one
+        window below busy_fraction of a core), so a measurement that follows
+        sees the agent's steady state, not its start-up. Returns the wait."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            c0 = self.cpu_ns()
+            time.sleep(window)
+            if self.cpu_ns() - c0 < busy_fraction * window * 1e9:
+                break
+        return time.monotonic() - t0
+
     def cpu_ns(self) -> int:
         """CPU time of all agent threads (ns, from schedstat)."""
         total = 0

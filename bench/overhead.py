@@ -45,6 +45,7 @@ class _AgentSpan:
         if self.agent is None:
             self.agent = C.Agent(self.config, tag="churn")
             self.startups.append(self.agent.startup_seconds)
+            self.agent.settle()
             self.ports, self.conns = [], 0
         return self.agent
 
@@ -175,6 +176,8 @@ class _Attach:
             self.agent = agent or C.Agent(tag="syscall")
         elif cond == "agent_no_syscalls":
             self.agent = C.Agent(NO_SYSCALL_TRACING, tag="syscall-nosys")
+        if self.agent:
+            self.agent.settle()
         elif cond == "cw_sys_exit":
             self.bpf = C.Bpf(C.AGENT_OBJ, only={"cw_sys_exit"})
         elif cond == "empty":
