@@ -1105,20 +1105,12 @@ static __always_inline struct sock *tcp_sock_of_file(struct file *file)
 	return sk && is_tcp_inet(sk) ? sk : NULL;
 }
 
-/*
- * Seeding, pass 1: every listening TCP socket held by any process, in
- * every network namespace, as if we had seen its listen().
- */
-SEC("iter/task_file")
-int cw_seed_listeners(struct bpf_iter__task_file *ctx)
+/* A listening socket found in task's fd table, recorded as if we had seen its listen(). */
+static __always_inline void seed_listener(struct task_struct *task, struct sock *sk)
 {
-	struct task_struct *task = ctx->task;
-	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
 	struct cw_listener l = {};
 	__u64 key = (__u64)sk;
 
-	if (!sk || BPF_CORE_READ(sk, __sk_common.skc_state) != TCP_LISTEN)
-		return 0;
 	l.tgid = task->tgid;
 	l.pstart = BPF_CORE_READ(task, group_leader, start_boottime);
 	l.netns = sock_netns(sk);
@@ -1130,7 +1122,6 @@ int cw_seed_listeners(struct bpf_iter__task_file *ctx)
 	if (bpf_map_update_elem(&listeners, &key, &l, BPF_NOEXIST) == -E2BIG)
 		count_map_full(CW_MAP_LISTENERS);
 	note_listener(sk, l.netns, l.tgid, l.pstart);
-	return 0;
 }
 
 /* Has anything been exchanged on this connection yet? */
@@ -1142,27 +1133,19 @@ static __always_inline bool exchanged_data(const struct sock *sk)
 }
 
 /*
- * Seeding, pass 2 (and, without syscall tracing, every refresh): the
- * connections held in fd tables. One nobody claimed yet is claimed by its
- * holder. An untracked one whose local address is a listener's (so it was
- * accepted, not made outbound) is tracked, without an accept time.
+ * A connection found in task's fd table. One nobody claimed yet is claimed
+ * by its holder. An untracked one whose local address is a listener's (so
+ * it was accepted, not made outbound) is tracked, without an accept time.
  */
-SEC("iter/task_file")
-int cw_seed_conns(struct bpf_iter__task_file *ctx)
+static __always_inline void seed_connection(struct task_struct *task, struct sock *sk, int state)
 {
-	struct task_struct *task = ctx->task;
-	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
 	struct listen_key port = {};
 	struct cw_sock s = {}, *known;
 	__u64 key = (__u64)sk;
 	__u64 pstart;
-	int state;
 
-	if (!sk)
-		return 0;
-	state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	if (state == TCP_LISTEN || state == TCP_CLOSE || state == TCP_SYN_SENT)
-		return 0;
+	if (state == TCP_CLOSE || state == TCP_SYN_SENT)
+		return;
 	pstart = BPF_CORE_READ(task, group_leader, start_boottime);
 	known = bpf_map_lookup_elem(&socks, &key);
 	if (known) {
@@ -1170,12 +1153,12 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 			note_task_process(task, task->tgid, pstart);
 			claim(known, task->tgid, pstart);
 		}
-		return 0;
+		return;
 	}
 	port.netns = sock_netns(sk);
 	port.lport = local_port(sk);
 	if (!listener_of(&port, sk))
-		return 0; /* an outbound connection */
+		return; /* an outbound connection */
 	init_sock(&s, sk, 0);
 	if (exchanged_data(sk))
 		s.class_state = CW_CLASS_DONE; /* mid-stream: its first exchange is gone */
@@ -1186,25 +1169,67 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 	conn_counts_add(&s, 1, 0, 0);
 	peers_add(&s, 1);
 	track(sk, &s, SEEN_IN_FD_TABLE);
+}
+
+/*
+ * Start-up seeding, pass 1: every listening TCP socket held by any process,
+ * in every network namespace.
+ */
+SEC("iter/task_file")
+int cw_seed_listeners(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
+
+	if (sk && BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_LISTEN)
+		seed_listener(task, sk);
+	return 0;
+}
+
+/* Start-up seeding, pass 2: the connections held in fd tables (see seed_connection). */
+SEC("iter/task_file")
+int cw_seed_conns(struct bpf_iter__task_file *ctx)
+{
+	struct task_struct *task = ctx->task;
+	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
+	int state;
+
+	if (!sk)
+		return 0;
+	state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (state != TCP_LISTEN)
+		seed_connection(task, sk, state);
 	return 0;
 }
 
 /*
- * Live accept-queue state of every known listener, in every namespace. A
- * walk over every process's fds, because this kernel refuses
- * iter/bpf_map_elem (EPERM) and iter/tcp sees one namespace only; the
- * socket check is two loads, so the walk costs little more than the fds.
+ * Each refresh: the live accept-queue state of every known listener, in
+ * every namespace. A walk over every process's fds, because this kernel
+ * refuses iter/bpf_map_elem (EPERM) and iter/tcp sees one namespace only.
+ * Without syscall tracing there are no listen()/accept() events, so the
+ * same walk also records new listeners and claims connections (one walk
+ * per refresh, not three).
  */
 SEC("iter/task_file")
 int cw_listener_stats(struct bpf_iter__task_file *ctx)
 {
-	struct sock *sk = ctx->task ? tcp_sock_of_file(ctx->file) : NULL;
+	struct task_struct *task = ctx->task;
+	struct sock *sk = task ? tcp_sock_of_file(ctx->file) : NULL;
 	struct cw_listener_stat out = {};
 	struct cw_listener *l;
 	__u64 key = (__u64)sk;
+	int state;
 
 	if (!sk)
 		return 0;
+	if (count_at_handshake) {
+		state = BPF_CORE_READ(sk, __sk_common.skc_state);
+		if (state != TCP_LISTEN) {
+			seed_connection(task, sk, state);
+			return 0;
+		}
+		seed_listener(task, sk);
+	}
 	l = bpf_map_lookup_elem(&listeners, &key);
 	if (!l)
 		return 0;

@@ -104,13 +104,6 @@ class Probes:
         prog = self.obj.programs.get(name)
         return prog.run_iter() if prog is not None and prog.attached else None
 
-    def walk_fd_tables(self) -> bool:
-        """Record the listeners and accepted connections held in every
-        process's fd table that the probes have not seen, and give connections
-        nobody has claimed yet to the process holding them. False if an
-        iterator is not attached."""
-        return all(self.run_iterator(name) is not None for name in SEED_ITERATORS)
-
     def seed(self) -> tuple[int, int]:
         """Record listeners and accepted connections that predate the agent.
 
@@ -118,7 +111,7 @@ class Probes:
         the two; the BPF side inserts with BPF_NOEXIST, so sockets the
         probes already track are left alone. Returns (listeners, sockets).
         """
-        if not self.walk_fd_tables():
+        if not all(self.run_iterator(name) is not None for name in SEED_ITERATORS):
             log.warning("start-up seeding incomplete: %s not attached",
                         " or ".join(PROBES[n] for n in SEED_ITERATORS))
         maps = self.obj.maps

@@ -120,17 +120,15 @@ class SnapshotReader:
         t0 = time.monotonic()
         s = Snapshot(ready=True, probes=dict(self.probes.enabled))
         maps = self.probes.maps
-        if not self.cfg.syscall_tracing:
-            # no listen()/accept() events: new listeners and the owners of
-            # connections nobody has read or written yet come from the fd tables
-            self.probes.walk_fd_tables()
         self._entries = {}
-        # Counters first, identities second: a process that starts in between
-        # is then already in `procs`, so its fresh counters are never dropped.
+        # The fd-table walk first (without syscall tracing it also claims
+        # connections, which moves counters); then counters; identities last:
+        # a process that starts in between is then already in `procs`, so its
+        # fresh counters are never dropped.
+        listener_stats = self._read_listener_stats()
         conn_items = self._items("conn_counts", T.ConnKey, T.ConnCounts)
         fail_items = {name: self._items(name, T.FailKey, ctypes.c_uint64)
                       for name in ("fd_failures", "port_exhaustion")}
-        listener_stats = self._read_listener_stats()
         upgrade_items = self._items("upgrades", T.UpgradeKey, ctypes.c_uint64)
         live = self._live_processes()
         used: set[tuple[int, int]] = set()
