@@ -304,28 +304,31 @@ def test_socket_table_numbers_are_carried_between_recounts():
 
 @pytest.mark.parametrize("interval, recounted", [(0.1, True), (3600, False)])
 def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interval, recounted):
-    """200 outbound connections to one listener make it the busiest
-    destination — seen at the next recount, not before."""
+    """2,000 new outbound connections show in the ephemeral-port count at the
+    next recount, and not before. (The host's other sockets come and go —
+    other tests' TIME_WAIT expiring — hence a margin on the way up, and an
+    exact comparison only where no recount may happen.)"""
     import socket
 
     from conftest import wait_for
 
+    name = "connwatch_system_ephemeral_ports_in_use"
     agent = start_agent(f"socket_table_interval_seconds: {interval}\n")
     before = agent.scrape()
-    busiest = before.value("connwatch_system_ephemeral_ports_in_use_max_destination")
-    assert busiest is not None and busiest < 200
-    listener = socket.create_server(("127.0.0.1", 0), backlog=256)
-    clients = [socket.create_connection(listener.getsockname()) for _ in range(200)]
+    in_use = before.value(name)
+    assert in_use is not None
+    listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(2000)]
     try:
         if recounted:
-            wait_for(lambda: agent.scrape().value("connwatch_system_ephemeral_ports_in_use_max_destination") >= 200,
+            wait_for(lambda: agent.scrape().value(name) >= in_use + 1000,
                      what="the new connections in the next socket-table count")
         else:
             # several refreshes later the snapshot is newer, the socket-table count is not
             t0 = before.value("connwatch_snapshot_timestamp_seconds")
             m = wait_for(lambda: (lambda m: m if m.value("connwatch_snapshot_timestamp_seconds") > t0 + 0.3
                                   else None)(agent.scrape()), what="three refreshes")
-            assert m.value("connwatch_system_ephemeral_ports_in_use_max_destination") == busiest
+            assert m.value(name) == in_use
     finally:
         for c in clients:
             c.close()
