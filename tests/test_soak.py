@@ -5,6 +5,8 @@ truth from `ss`, the per-socket map is back to its baseline and the agent's
 memory has not grown past a bound.
 
 CI runs it for CONNWATCH_SOAK_SECONDS (default 20); `make soak` runs 600.
+Both with the syscall hook (the default) and without it (`syscall_tracing:
+false`, where connections are counted from the handshake).
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ async def churn(ports: list[int], deadline: float, held: list, rng: random.Rando
 
 
 @pytest.mark.timeout(SOAK_SECONDS + 300)
-def test_churn_soak(start_agent):
-    agent = start_agent("peers:\n  top_k: 5\n")
+@pytest.mark.parametrize("syscall_tracing", [True, False], ids=["default", "no-syscall-hook"])
+def test_churn_soak(start_agent, syscall_tracing):
+    agent = start_agent(f"peers:\n  top_k: 5\nsyscall_tracing: {str(syscall_tracing).lower()}\n")
     baseline_socks = agent.scrape().value("connwatch_bpf_map_entries", map="socks")
     servers = [
         Stdio([sys.executable, str(PY_SERVER), "--cap", "50"]),
