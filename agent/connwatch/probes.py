@@ -37,12 +37,12 @@ PROBES = {
 ITERATORS = {"cw_seed_listeners", "cw_seed_conns", "cw_listener_stats"}
 SEED_ITERATORS = ("cw_seed_listeners", "cw_seed_conns")
 
+INSTALLED_OBJECT = "/usr/share/connwatch/bpf/connwatch.bpf.o"
+
 
 def switched_off(cfg: Config) -> set[str]:
     """Programs the configuration turns off (not loaded, not reported as probes)."""
     return set() if cfg.syscall_tracing else {"cw_sys_exit"}
-
-INSTALLED_OBJECT = "/usr/share/connwatch/bpf/connwatch.bpf.o"
 
 
 class ProbeError(RuntimeError):
