@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import wait_for
@@ -99,8 +100,11 @@ def test_without_syscall_tracing_connections_are_still_counted(start_agent, serv
     # what needs the syscall hook is absent, not zero (another server: its
     # EMFILE exercise leaves a connection in its accept queue)
     failing = server("--backlog", "77")
+    wait_listener_seen(agent, failing.pid, failing.ports[0])
     assert failing.command("emfile").startswith("emfile ")
-    m = agent.scrape()
+    done = time.time()
+    m = wait_for(lambda: (lambda m: m if m.value("connwatch_snapshot_timestamp_seconds") > done + 0.2
+                          else None)(agent.scrape()), what="two refreshes after the EMFILEs")
     assert not m.select("connwatch_fd_alloc_failures_total")
     assert m.value("connwatch_listen_backlog_requested", pid=failing.pid) is None
 
