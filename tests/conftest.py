@@ -40,6 +40,18 @@ def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: f
     pytest.fail(f"timed out after {timeout}s waiting for {description or condition} (last: {last!r})")
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM; SIGKILL if it has not exited within timeout; reaped either way."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def close_ends_the_server_closed(clients: list[socket.socket], n: int) -> list[socket.socket]:
     """The server closed n of these connections: close our ends of those n and
     return the others. Until our end closes too, a server socket can wait in
@@ -52,7 +64,7 @@ def close_ends_the_server_closed(clients: list[socket.socket], n: int) -> list[s
             return False
 
     wait_for(lambda: sum(map(at_eof, clients)) == n, what=f"{n} connections to see the server's FIN")
-    done = [c for c in clients if at_eof(c)]
+    done = {c for c in clients if at_eof(c)}
     for c in done:
         c.close()
     return [c for c in clients if c not in done]
@@ -112,14 +124,16 @@ class AgentProcess:
 
         return wait_for(check, timeout, what=lambda: f"{name}{labels} == {expected} (last {holder.get('last')})")
 
+    def scrape_after(self, t: float, timeout: float = 20.0) -> Metrics:
+        """The first scrape whose snapshot was read after Unix time t."""
+        def newer():
+            m = self.scrape()
+            return m if m.value("connwatch_snapshot_timestamp_seconds") > t else None
+
+        return wait_for(newer, timeout, what=f"a snapshot read after {t:.3f}")
+
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self._log.close()
 
 

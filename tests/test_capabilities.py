@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
+from conftest import stop_process, wait_for
 from connwatch import caps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,8 +311,4 @@ def test_non_root_agent_with_only_the_units_capabilities(tmp_path):
                     for s in pairs:
                         s.close()
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_process(proc, 10)

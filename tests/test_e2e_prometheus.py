@@ -42,6 +42,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
+from conftest import free_port, stop_process
 from dashboards import alerts, metrics
 from dashboards.params import DEFAULT
 
@@ -163,12 +164,6 @@ def die_with_parent():
     ctypes.CDLL(None).prctl(1, 15, 0, 0, 0)  # PR_SET_PDEATHSIG = SIGTERM
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def poll(condition, timeout: float = 60.0, what: str = ""):
     """Poll until condition() is truthy and return it (never sleep as synchronisation)."""
     start = time.monotonic()
@@ -215,12 +210,7 @@ class Child:
                 self.proc.stdin.close()
             except OSError:
                 pass
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+            stop_process(self.proc, 10)
         self._log.close()
 
 
@@ -264,11 +254,7 @@ class Prometheus:
         return self.api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=step)["result"]
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self._log.close()
 
 
@@ -297,11 +283,7 @@ class Agent:
             return False
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
         self._log.close()
 
 

@@ -15,12 +15,9 @@ import time
 from pathlib import Path
 
 from conftest import wait_for
+from test_core import connect_many
 
 NO_SYSCALLS = "syscall_tracing: false\n"
-
-
-def connect(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
 
 
 def reset(c: socket.socket) -> None:
@@ -55,7 +52,7 @@ def test_without_syscall_tracing_queued_connections_count_for_the_listener(start
     srv = server()
     (port,) = srv.ports
     wait_listener_seen(agent, srv.pid, port)
-    clients = connect(port, 6)
+    clients = connect_many("127.0.0.1", port, 6)
     # not accepted yet: in the accept queue, counted for the listener's owner
     m = agent.wait_for_value("connwatch_connections", 6, pid=srv.pid, port=port)
     assert not m.value("connwatch_connections_accepted_total", pid=srv.pid, port=port)
@@ -83,7 +80,7 @@ def test_without_syscall_tracing_connections_are_still_counted(start_agent, serv
 
     # a listener that existed at start-up: counted from the handshake, under its owner
     (p0,) = before.ports
-    held0 = connect(p0, 4)
+    held0 = connect_many("127.0.0.1", p0, 4)
     assert before.command("accept 4") == "accepted 4"
     m = agent.wait_for_value("connwatch_connections", 4, pid=before.pid, port=p0)
     agent.wait_for_value("connwatch_connections_accepted_total", 4, pid=before.pid, port=p0)
@@ -92,7 +89,7 @@ def test_without_syscall_tracing_connections_are_still_counted(start_agent, serv
     srv = server()
     (port,) = srv.ports
     wait_listener_seen(agent, srv.pid, port)
-    held = connect(port, 30)
+    held = connect_many("127.0.0.1", port, 30)
     assert srv.command("accept 30") == "accepted 30"
     m = agent.wait_for_value("connwatch_connections", 30, pid=srv.pid, port=port, kind="tcp")
     agent.wait_for_value("connwatch_connections_accepted_total", 30, pid=srv.pid, port=port)
@@ -102,9 +99,7 @@ def test_without_syscall_tracing_connections_are_still_counted(start_agent, serv
     failing = server("--backlog", "77")
     wait_listener_seen(agent, failing.pid, failing.ports[0])
     assert failing.command("emfile").startswith("emfile ")
-    done = time.time()
-    m = wait_for(lambda: (lambda m: m if m.value("connwatch_snapshot_timestamp_seconds") > done + 0.2
-                          else None)(agent.scrape()), what="two refreshes after the EMFILEs")
+    m = agent.scrape_after(time.time() + 0.2)  # two refreshes after the EMFILEs
     assert not m.select("connwatch_fd_alloc_failures_total")
     assert m.value("connwatch_listen_backlog_requested", pid=failing.pid) is None
 
@@ -139,7 +134,7 @@ def test_without_syscall_tracing_the_holder_owns_the_connection(start_agent):
         pass_fds=[lst.fileno()], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     lst.close()
     try:
-        clients = connect(port, 3)
+        clients = connect_many("127.0.0.1", port, 3)
         assert worker.stdout.readline().strip() == "holding"
         m = agent.wait_for_value("connwatch_connections", 3, pid=worker.pid, port=port)
         assert not m.value("connwatch_connections", pid=os.getpid(), port=port)

@@ -325,9 +325,7 @@ def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interv
                      what="the new connections in the next socket-table count")
         else:
             # several refreshes later the snapshot is newer, the socket-table count is not
-            t0 = before.value("connwatch_snapshot_timestamp_seconds")
-            m = wait_for(lambda: (lambda m: m if m.value("connwatch_snapshot_timestamp_seconds") > t0 + 0.3
-                                  else None)(agent.scrape()), what="three refreshes")
+            m = agent.scrape_after(before.value("connwatch_snapshot_timestamp_seconds") + 0.3)
             assert m.value(name) == in_use
     finally:
         for c in clients:

@@ -25,6 +25,7 @@ import requests
 from prometheus_client import Gauge
 from prometheus_client.registry import CollectorRegistry
 
+from conftest import stop_process
 from connwatch import web, webconfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,11 +120,7 @@ def tls_agent(pki, tmp_path_factory):
 
     _wait_for(ready, 90, "TLS agent ready")
     yield port, url
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, 10)
     log.close()
     assert "Traceback" not in log_path.read_text()
 
