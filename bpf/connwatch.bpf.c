@@ -662,15 +662,15 @@ static __always_inline void on_passive_open(const struct sock *sk)
 
 	if (!is_tcp_inet(sk))
 		return;
-	port.netns = sock_netns(sk);
-	port.lport = local_port(sk);
-	owner = listener_of(&port, sk);
-	if (!owner)
-		return;
 	init_sock(&s, sk, bpf_ktime_get_ns());
 	/* the handler runs twice when nothing nests (see cw_sock_state_nested) */
 	known = bpf_map_lookup_elem(&socks, &key);
 	if (known && is_this_socket(known, &s, SEEN_AT_HANDSHAKE))
+		return;
+	port.netns = sock_netns(sk);
+	port.lport = s.lport;
+	owner = listener_of(&port, sk);
+	if (!owner)
 		return;
 	s.tgid = owner->tgid;
 	s.pstart = owner->pstart;
@@ -1146,10 +1146,11 @@ static __always_inline void seed_connection(struct task_struct *task, struct soc
 
 	if (state == TCP_CLOSE || state == TCP_SYN_SENT)
 		return;
-	pstart = BPF_CORE_READ(task, group_leader, start_boottime);
 	known = bpf_map_lookup_elem(&socks, &key);
 	if (known) {
+		/* the common case on a refresh walk: tracked and claimed, nothing to do */
 		if (!(known->flags & CW_SOCK_CLAIMED)) {
+			pstart = BPF_CORE_READ(task, group_leader, start_boottime);
 			note_task_process(task, task->tgid, pstart);
 			claim(known, task->tgid, pstart);
 		}
@@ -1159,6 +1160,7 @@ static __always_inline void seed_connection(struct task_struct *task, struct soc
 	port.lport = local_port(sk);
 	if (!listener_of(&port, sk))
 		return; /* an outbound connection */
+	pstart = BPF_CORE_READ(task, group_leader, start_boottime);
 	init_sock(&s, sk, 0);
 	if (exchanged_data(sk))
 		s.class_state = CW_CLASS_DONE; /* mid-stream: its first exchange is gone */
