@@ -53,15 +53,14 @@ $(VENV)/.installed: pyproject.toml
 
 bpf: $(BPF_OBJ)
 
-$(BUILD)/vmlinux.h:
-	mkdir -p $(BUILD)
-	bpftool btf dump file /sys/kernel/btf/vmlinux format c > $@.tmp && mv $@.tmp $@
-
-# -mcpu=v3: atomic fetch-and-or (count_accept_once) needs the v3 instruction set (Linux >= 5.12)
-$(BPF_OBJ): bpf/connwatch.bpf.c bpf/connwatch.h $(BUILD)/vmlinux.h
+# vmlinux.h is not generated from the build host's kernel: it is committed,
+# made from a pinned Debian kernel package (bpf/vmlinux/generate), so the
+# object is the same on every build host and CO-RE fits it to each kernel.
+# -mcpu=v3 for 32-bit jumps and ALU; no fetching atomics (they need v5.12).
+$(BPF_OBJ): bpf/connwatch.bpf.c $(wildcard bpf/*.h) bpf/vmlinux/$(ARCH)/vmlinux.h
 	mkdir -p $(dir $@)
 	clang -g -O2 -Wall -Werror -target bpf -mcpu=v3 -D__TARGET_ARCH_$(ARCH) \
-		-I$(BUILD) -Ibpf -I/usr/include/$(MULTIARCH) -c $< -o $@.tmp
+		-Ibpf/vmlinux/$(ARCH) -Ibpf -I/usr/include/$(MULTIARCH) -c $< -o $@.tmp
 	llvm-strip -g $@.tmp 2>/dev/null; mv $@.tmp $@
 
 node: tests/node/node_modules/.installed

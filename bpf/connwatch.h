@@ -16,9 +16,10 @@
 
 #define CW_COMM_LEN 16
 #define CW_ADDR_LEN 16		/* IPv6, or IPv4-mapped IPv6 (::ffff:a.b.c.d) */
-#define CW_HIST_BUCKETS 32	/* log2(seconds) buckets: [0,1), [1,2), [2,4) ... */
+#define CW_HIST_BUCKETS 32	/* log2(milliseconds) buckets, see record_duration() */
 #define CW_WS_PORTS_MAX 16
 #define CW_PEEK_LEN 512		/* bytes of a first request/response examined */
+#define CW_PORT_WORDS 1024	/* 65536 ports as 64-bit bitmap words */
 
 /* What a connection turned out to be, decided from its first exchange. */
 enum cw_kind {
@@ -74,7 +75,11 @@ enum cw_syscall {
 	CW_SYS_MAX,
 };
 
-/* Bounded maps that count their own insert failures (map full). */
+/*
+ * Bounded maps that count their own insert failures (map full). The agent
+ * reads the names from this enum in the object's BTF: CW_MAP_<NAME> is the
+ * map <name>, sized by the configuration key maps.<name>.
+ */
 enum cw_map_id {
 	CW_MAP_SOCKS = 0,
 	CW_MAP_CONN_COUNTS,
@@ -82,35 +87,41 @@ enum cw_map_id {
 	CW_MAP_FD_FAILURES,
 	CW_MAP_PORT_EXHAUSTION,
 	CW_MAP_LISTENERS,
-	CW_MAP_OVERFLOW_DROPS,
 	CW_MAP_PEERS,
 	CW_MAP_UPGRADES,
 	CW_MAP_DURATIONS,
+	CW_MAP_PORT_USE,
+	CW_MAP_QUEUED,
 	CW_MAP_COUNT,
 };
 
-/* socks: one entry per accepted, not yet closed TCP socket (key: struct sock *). */
-struct cw_sock {
-	__u64 accepted_ns;	/* bpf_ktime_get_ns() at handshake completion, 0 if unknown */
-	__u64 pstart;		/* owner's start_boottime */
-	__u8 peer[CW_ADDR_LEN];
-	__u32 tgid;		/* owner: see CW_SOCK_CLAIMED */
-	__u16 lport;		/* local (listening) port, host order */
-	__u16 status;		/* HTTP status of an upgrade answer, 0 if none */
-	__u8 kind;		/* enum cw_kind */
-	__u8 class_state;	/* enum cw_class_state */
-	__u16 rport;		/* peer port, network order: with peer and lport, tells sockets apart */
-	__u32 flags;		/* CW_SOCK_*; 32 bits for atomic or */
+/*
+ * Why the in-kernel early trigger woke the agent (kernels where the
+ * fd-failure probes need the syscall hook, armed on demand).
+ */
+enum cw_arm_reason {
+	CW_ARM_FDS = 1,		/* a process's lowest free fd passed arm_ratio of RLIMIT_NOFILE */
 };
 
 /*
- * Without syscall tracing, an entry is made when the handshake completes,
- * under the listener's owner; the owner is claimed by the first read/write
- * or a refresh walk of the fd tables, whichever comes first, and the accept
- * is counted then (or at close, if it closes unclaimed). With syscall
- * tracing, accept() makes the entry, claimed.
+ * One tracked accepted connection (socket local storage, or the socks hash
+ * keyed by the struct sock address on kernels without tracing access to
+ * socket storage).
  */
-#define CW_SOCK_CLAIMED 1
+struct cw_sock {
+	__u64 accepted_ns;	/* bpf_ktime_get_ns() when it was accepted, 0 if unknown */
+	__u64 pstart;		/* owner (holds it now): start_boottime */
+	__u64 acceptor_pstart;	/* acceptor (its accepted/closed counters) */
+	__u8 peer[CW_ADDR_LEN];
+	__u32 tgid;		/* owner */
+	__u32 acceptor_tgid;	/* acceptor */
+	__u16 lport;		/* local (listening) port, host order */
+	__u16 rport;		/* peer port, network order: with peer and lport, tells sockets apart */
+	__u8 kind;		/* enum cw_kind */
+	__u8 class_state;	/* enum cw_class_state */
+	__u8 close_wait;	/* 1 while the peer has closed and the owner has not */
+	__u8 queued;		/* counted at the handshake, not yet seen accepted (see `queued`) */
+};
 
 /* conn_counts: per process, local port and kind. */
 struct cw_conn_key {
@@ -122,19 +133,19 @@ struct cw_conn_key {
 };
 
 struct cw_conn_counts {
-	__s64 open;		/* accepted and not yet TCP_CLOSE */
-	__u64 accepted;
-	__u64 closed;
+	__s64 open;		/* owned by this process and not yet TCP_CLOSE */
+	__s64 close_wait;	/* of those, closed by the peer but not by the owner */
+	__u64 accepted;		/* accepted by this process */
+	__u64 closed;		/* accepted by this process and since TCP_CLOSE */
 };
 
 /* procs: identity of every process that appears in a key (key: tgid). */
 struct cw_proc {
 	__u64 pstart;
-	__u64 cgroup_id;
 	char comm[CW_COMM_LEN];
 };
 
-/* fd_failures: syscalls that returned -EMFILE/-ENFILE. */
+/* fd_failures and port_exhaustion: failed syscalls per process. */
 struct cw_fail_key {
 	__u64 pstart;
 	__u32 tgid;
@@ -142,41 +153,40 @@ struct cw_fail_key {
 	__u16 err;		/* positive errno */
 };
 
-/* listeners: one entry per listening socket seen in listen() (key: struct sock *). */
+/* listeners: one entry per listening TCP socket (key: struct sock address). */
 struct cw_listener {
-	__u64 pstart;
+	__u64 pstart;		/* owner: the process that called listen(), or held it at start-up */
+	__u64 overflow_drops;	/* handshakes dropped because the accept queue was full */
 	__u32 tgid;
 	__u32 netns;		/* network namespace inode */
-	__u32 backlog_requested;	/* listen()'s argument, before the somaxconn cap */
-	__u32 backlog_effective;	/* sk_max_ack_backlog after listen() */
+	__u32 backlog_requested;	/* listen()'s argument (as unsigned), if CW_LISTENER_BACKLOG_SEEN */
+	__u32 flags;		/* CW_LISTENER_* */
 	__u16 lport;
 	__u16 family;
-	__u32 flags;		/* CW_LISTENER_* */
+	__u32 _pad;
 };
 
-#define CW_LISTENER_SEEDED 1	/* found at start-up: listen()'s argument unknown */
+/* the listen probe saw listen()'s argument (not for listeners that predate the agent) */
+#define CW_LISTENER_BACKLOG_SEEN 1
 
-/* One record of the listener_stats iterator: a listener's live queue. */
+/* One record of the listener-stats iterator: a listener's live queue. */
 struct cw_listener_stat {
 	struct cw_listener l;
 	__u32 queue_length;	/* sk_ack_backlog: connections waiting for accept() */
 	__u32 backlog;		/* sk_max_ack_backlog: effective backlog */
 	__u32 drops;		/* sk_drops: SYNs (and more) dropped on this listener */
+	__u32 somaxconn;	/* net.core.somaxconn of the listener's network namespace */
 	__u32 state;		/* TCP state; TCP_LISTEN unless closing */
+	__u32 _pad;
 };
 
-/* overflow_drops: handshake ACKs dropped on a full accept queue. */
-struct cw_port_key {
-	__u32 netns;
-	__u16 lport;
-	__u16 _pad;
-};
-
-/* peers: open connections per (local port, peer address). */
+/* peers: open connections per owner, local port and peer address. */
 struct cw_peer_key {
 	__u8 peer[CW_ADDR_LEN];
+	__u64 pstart;
+	__u32 tgid;
 	__u16 lport;
-	__u8 _pad[6];
+	__u16 _pad;
 };
 
 /* upgrades: WebSocket handshake outcomes per process, port and HTTP status. */
@@ -187,17 +197,44 @@ struct cw_upgrade_key {
 	__u16 status;
 };
 
-/* durations: log2 histogram of connection lifetimes, per local port and kind. */
+/* durations: log2 histogram of connection lifetimes, per owner, local port and kind. */
 struct cw_duration_key {
+	__u64 pstart;
+	__u32 tgid;
 	__u16 lport;
 	__u8 kind;
-	__u8 _pad[5];
+	__u8 _pad;
 };
 
 struct cw_duration_hist {
 	__u64 buckets[CW_HIST_BUCKETS];
 	__u64 sum_ns;
 	__u64 count;
+};
+
+/*
+ * port_use: outbound sockets of the agent's network namespace per
+ * destination, counted by the port-use iterator in the run numbered
+ * `generation` (entries of older runs are stale).
+ */
+struct cw_port_use_key {
+	__u8 daddr[CW_ADDR_LEN];
+	__u16 dport;		/* host order */
+	__u16 _pad;
+};
+
+struct cw_port_use {
+	__u64 generation;
+	__u64 sockets;		/* outbound sockets holding a local port towards it, TIME_WAIT included */
+};
+
+/* ring buffer record: the early trigger for arming the syscall hook. */
+struct cw_arm_event {
+	__u64 pstart;
+	__u32 tgid;
+	__u32 reason;		/* enum cw_arm_reason */
+	__u64 used;		/* e.g. the process's lowest free fd */
+	__u64 limit;		/* e.g. its soft RLIMIT_NOFILE */
 };
 
 #endif /* CONNWATCH_H */
