@@ -15,6 +15,7 @@ import time
 from prometheus_client.registry import CollectorRegistry
 
 from . import caps, probes as probes_mod
+from .arming import Arming
 from .collector import ConnwatchCollector
 from .config import Config
 from .libbpf import LibbpfError, enable_run_time_stats
@@ -50,6 +51,7 @@ class Agent:
         self.server = make_server(listen_address, telemetry_path, self.registry, web_config)
         self._threads: list[threading.Thread] = []
         self._stats_fd: int | None = None
+        self._arming: Arming | None = None
 
     @property
     def snapshot(self) -> Snapshot:
@@ -66,6 +68,8 @@ class Agent:
         while not self._stop.is_set():
             try:
                 self._snapshot = reader.read()
+                if self._arming is not None:
+                    self._arming.update(self._snapshot.headroom.system if self._snapshot.headroom else None)
             except Exception:  # keep serving the previous snapshot
                 log.exception("snapshot read failed")
             self._stop.wait(self.cfg.refresh_interval_seconds)
@@ -85,7 +89,15 @@ class Agent:
             self._enable_bpf_stats()
         listeners, sockets = self.probes.seed()
         log.info("seeded %d listeners and %d connections that predate the agent", listeners, sockets)
-        log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(caps.AFTER_ATTACH)["effective"])) or "none")
+        keep = caps.AFTER_ATTACH
+        if self.probes.bpf_calls_need_capability():
+            # before v6.5, with kernel.unprivileged_bpf_disabled set, every bpf()
+            # call (map reads, running iterators) needs CAP_BPF, not only loading
+            keep = keep | {"CAP_BPF"}
+        log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(keep)["effective"])) or "none")
+        if self.probes.syscall_hook is not None and self.cfg.syscall_tracing == "on_demand":
+            self._arming = Arming(self.probes, self.cfg.arm_ratio)
+            self._arming.start()
         reader = SnapshotReader(self.probes, self.cfg)
         self._snapshot = reader.read()
         t = threading.Thread(target=self._refresh_loop, args=(reader,), name="refresh", daemon=True)
@@ -97,6 +109,9 @@ class Agent:
         self._stop.set()
         self.server.shutdown()
         self.server.server_close()
+        if self._arming is not None:
+            self._arming.stop()
+            self._arming = None
         if self.probes is not None:
             self.probes.close()  # detaches every program
             self.probes = None

@@ -20,6 +20,7 @@ COMM_LEN = 16
 ADDR_LEN = 16
 HIST_BUCKETS = 32
 WS_PORTS_MAX = 16
+PORT_WORDS = 1024
 
 
 class Kind(enum.IntEnum):
@@ -35,10 +36,11 @@ class MapId(enum.IntEnum):
     FD_FAILURES = 3
     PORT_EXHAUSTION = 4
     LISTENERS = 5
-    OVERFLOW_DROPS = 6
-    PEERS = 7
-    UPGRADES = 8
-    DURATIONS = 9
+    PEERS = 6
+    UPGRADES = 7
+    DURATIONS = 8
+    PORT_USE = 9
+    QUEUED = 10
 
 
 class Syscall(enum.IntEnum):
@@ -76,9 +78,9 @@ class Syscall(enum.IntEnum):
 
 class Sock(ctypes.Structure):
     _fields_ = [
-        ("accepted_ns", u64), ("pstart", u64), ("peer", u8 * ADDR_LEN), ("tgid", u32),
-        ("lport", u16), ("status", u16), ("kind", u8), ("class_state", u8), ("rport", u16),
-        ("flags", u32),
+        ("accepted_ns", u64), ("pstart", u64), ("acceptor_pstart", u64), ("peer", u8 * ADDR_LEN),
+        ("tgid", u32), ("acceptor_tgid", u32), ("lport", u16), ("rport", u16), ("kind", u8),
+        ("class_state", u8), ("close_wait", u8), ("queued", u8),
     ]
 
 
@@ -87,11 +89,11 @@ class ConnKey(ctypes.Structure):
 
 
 class ConnCounts(ctypes.Structure):
-    _fields_ = [("open", s64), ("accepted", u64), ("closed", u64)]
+    _fields_ = [("open", s64), ("close_wait", s64), ("accepted", u64), ("closed", u64)]
 
 
 class Proc(ctypes.Structure):
-    _fields_ = [("pstart", u64), ("cgroup_id", u64), ("comm", ctypes.c_char * COMM_LEN)]
+    _fields_ = [("pstart", u64), ("comm", ctypes.c_char * COMM_LEN)]
 
 
 class FailKey(ctypes.Structure):
@@ -100,24 +102,21 @@ class FailKey(ctypes.Structure):
 
 class Listener(ctypes.Structure):
     _fields_ = [
-        ("pstart", u64), ("tgid", u32), ("netns", u32), ("backlog_requested", u32),
-        ("backlog_effective", u32), ("lport", u16), ("family", u16), ("flags", u32),
+        ("pstart", u64), ("overflow_drops", u64), ("tgid", u32), ("netns", u32),
+        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("family", u16), ("_pad", u32),
     ]
 
 
-LISTENER_SEEDED = 1
+LISTENER_BACKLOG_SEEN = 1
 
 
 class ListenerStat(ctypes.Structure):
-    _fields_ = [("l", Listener), ("queue_length", u32), ("backlog", u32), ("drops", u32), ("state", u32)]
-
-
-class PortKey(ctypes.Structure):
-    _fields_ = [("netns", u32), ("lport", u16), ("_pad", u16)]
+    _fields_ = [("l", Listener), ("queue_length", u32), ("backlog", u32), ("drops", u32),
+                ("somaxconn", u32), ("state", u32), ("_pad", u32)]
 
 
 class PeerKey(ctypes.Structure):
-    _fields_ = [("peer", u8 * ADDR_LEN), ("lport", u16), ("_pad", u8 * 6)]
+    _fields_ = [("peer", u8 * ADDR_LEN), ("pstart", u64), ("tgid", u32), ("lport", u16), ("_pad", u16)]
 
 
 class UpgradeKey(ctypes.Structure):
@@ -125,11 +124,28 @@ class UpgradeKey(ctypes.Structure):
 
 
 class DurationKey(ctypes.Structure):
-    _fields_ = [("lport", u16), ("kind", u8), ("_pad", u8 * 5)]
+    _fields_ = [("pstart", u64), ("tgid", u32), ("lport", u16), ("kind", u8), ("_pad", u8)]
 
 
 class DurationHist(ctypes.Structure):
     _fields_ = [("buckets", u64 * HIST_BUCKETS), ("sum_ns", u64), ("count", u64)]
+
+
+class PortUseKey(ctypes.Structure):
+    _fields_ = [("daddr", u8 * ADDR_LEN), ("dport", u16), ("_pad", u16)]
+
+
+class PortUse(ctypes.Structure):
+    _fields_ = [("generation", u64), ("sockets", u64)]
+
+
+class PortWord(ctypes.Structure):
+    """port_use.bpf.h's struct port_word: 64 ports of a bitmap, tagged with the run."""
+    _fields_ = [("generation", u64), ("bits", u64)]
+
+
+class ArmEvent(ctypes.Structure):
+    _fields_ = [("pstart", u64), ("tgid", u32), ("reason", u32), ("used", u64), ("limit", u64)]
 
 
 # C struct name -> mirror
@@ -141,11 +157,14 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "cw_fail_key": FailKey,
     "cw_listener": Listener,
     "cw_listener_stat": ListenerStat,
-    "cw_port_key": PortKey,
     "cw_peer_key": PeerKey,
     "cw_upgrade_key": UpgradeKey,
     "cw_duration_key": DurationKey,
     "cw_duration_hist": DurationHist,
+    "cw_port_use_key": PortUseKey,
+    "cw_port_use": PortUse,
+    "port_word": PortWord,
+    "cw_arm_event": ArmEvent,
 }
 
 # C enum name -> (mirror, prefix of the C enumerators)

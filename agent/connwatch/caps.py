@@ -186,6 +186,12 @@ def _drop_this_thread(keep_nums: set[int]) -> None:
     _errcheck(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
+def drop_thread_capabilities() -> None:
+    """Drop every capability of the calling thread only (a throw-away thread
+    that tests what works without them)."""
+    _drop_this_thread(set())
+
+
 def drop_all_but(keep) -> dict[str, set[str]]:
     """Drop every capability but `keep` from all five sets of the calling thread.
 

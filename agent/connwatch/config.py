@@ -8,14 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+log = logging.getLogger("connwatch.config")
+
 
 class ConfigError(ValueError):
     """A user-fixable configuration problem; the message names the key."""
+
+
+ATTACH_KINDS = ("fentry", "kprobe", "tracepoint", "syscall_hook", "iterator")
+SYSCALL_TRACING = ("always", "on_demand", "never")
+# keys that were valid once: accepted with a warning saying what became of them
+DEPRECATED = {
+    "maps.overflow_drops": "overflow drops are counted per listener now; remove the key",
+}
+# the old boolean syscall_tracing
+_SYSCALL_TRACING_BOOLS = {True: "always", False: "never"}
 
 
 @dataclass(frozen=True)
@@ -32,7 +45,7 @@ class PeerConfig:
 
 @dataclass(frozen=True)
 class MapConfig:
-    """Capacity (max_entries) of each BPF map."""
+    """Capacity (max_entries) of each bounded BPF map (enum cw_map_id)."""
 
     socks: int = 262144
     conn_counts: int = 16384
@@ -40,10 +53,18 @@ class MapConfig:
     fd_failures: int = 4096
     port_exhaustion: int = 4096
     listeners: int = 4096
-    overflow_drops: int = 4096
     peers: int = 65536
     upgrades: int = 4096
     durations: int = 1024
+    port_use: int = 4096
+    queued: int = 65536
+
+    # maps without a key of their own, sized like the map they accompany
+    _SIZED_LIKE = {"listen_owners": "listeners", "seed_claims": "socks"}
+
+    def capacity(self, map_name: str) -> int | None:
+        """The configured max_entries of a BPF map, None for maps of fixed size."""
+        return getattr(self, self._SIZED_LIKE.get(map_name, map_name), None)
 
 
 @dataclass(frozen=True)
@@ -59,12 +80,17 @@ class Config:
     # turn on the kernel's BPF run-time statistics while the agent runs, so
     # connwatch_bpf_program_run_seconds_total is filled (costs ~20 ns per run)
     bpf_stats: bool = False
-    # hook every syscall's return (tp_btf/sys_exit) for EMFILE/ENFILE,
-    # EADDRNOTAVAIL, listen()'s requested backlog and immediate ownership at
-    # accept(). Off: no syscall pays anything (any syscall hook puts every
-    # syscall of every task on the kernel's slow path; docs/performance.md)
-    # and those metrics are absent; connections are still counted.
-    syscall_tracing: bool = True
+    # only on kernels where fd-allocation failures, port exhaustion and
+    # listen()'s backlog cannot be hooked where they happen (no fentry, no
+    # kprobes): whether to hook every syscall's return for them instead,
+    # which slows every syscall on the host. always, never, or on_demand:
+    # while some process, the host or a destination is past arm_ratio of
+    # its limit (docs/configuration.md)
+    syscall_tracing: str = "on_demand"
+    arm_ratio: float = 0.5
+    # the kinds of hooks the agent may use, best first per probe: to work
+    # around a kernel, or a conflict with another tracing tool
+    attach_kinds: tuple[str, ...] = ATTACH_KINDS
     # the ephemeral-port numbers walk the whole socket table (sock_diag),
     # the one part of a refresh whose cost grows with every socket on the
     # host: done at most this often, other refreshes reuse its numbers
@@ -81,6 +107,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "peers.ipv4_prefix": (0, 32),
     "peers.ipv6_prefix": (0, 128),
     "maps.*": (1, 16_777_216),
+    "arm_ratio": (0.05, 1.0),
 }
 WEBSOCKET_PORTS_MAX = 16
 
@@ -106,6 +133,9 @@ def _build(cls, data: Any, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name in [k for k in data if f"{prefix}{k}" in DEPRECATED]:
+        log.warning("config key %s%s is ignored: %s", prefix, name, DEPRECATED[f"{prefix}{name}"])
+        del data[name]
     unknown = sorted((k for k in data if k not in fields), key=str)
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(fields))})")
@@ -114,13 +144,33 @@ def _build(cls, data: Any, prefix: str = ""):
         key, default = prefix + name, getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _build(type(default), value, key + ".")
-        elif isinstance(default, tuple):
-            kwargs[name] = _ports(key, value)
+        elif key in _SPECIAL:
+            kwargs[name] = _SPECIAL[key](key, value)
         else:
             kwargs[name] = _check_type(key, value, type(default))
             if isinstance(kwargs[name], (int, float)):
                 _check_range(key, kwargs[name])
     return cls(**kwargs)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _syscall_tracing(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        new = _SYSCALL_TRACING_BOOLS[value]
+        log.warning("%s: %s is deprecated, it means %s (docs/configuration.md)", key, str(value).lower(), new)
+        return new
+    return _choice(key, value, SYSCALL_TRACING)
+
+
+def _attach_kinds(key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{key}: expected a non-empty list of {', '.join(ATTACH_KINDS)}")
+    return tuple(dict.fromkeys(_choice(key, v, ATTACH_KINDS) for v in value))
 
 
 def _ports(key: str, value: Any) -> tuple[int, ...]:
@@ -133,6 +183,13 @@ def _ports(key: str, value: Any) -> tuple[int, ...]:
             raise ConfigError(f"{key}: {p!r} is not a port number (1-65535)")
     return tuple(value)
 
+
+# keys whose values are not a plain bool, int, float or string
+_SPECIAL = {
+    "websocket_ports": lambda key, value: _ports(key, value),
+    "syscall_tracing": _syscall_tracing,
+    "attach_kinds": _attach_kinds,
+}
 
 MAX_FILE_BYTES = 1 << 20
 

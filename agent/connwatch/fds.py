@@ -92,3 +92,18 @@ def max_fds(pid: int) -> int | None:
         return None
     soft = limits[0]
     return soft if soft is not None else _nr_open()
+
+
+def all_processes() -> dict[int, tuple[int, int]]:
+    """pid -> (open fds, soft RLIMIT_NOFILE) for every process this agent may
+    inspect; processes that exit during the walk are left out."""
+    out = {}
+    for name in os.listdir(PROC):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        used = open_fds(pid)
+        limit = max_fds(pid) if used is not None else None
+        if limit is not None:
+            out[pid] = (used, limit)
+    return out

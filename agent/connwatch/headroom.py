@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from . import fds
-from .system import SystemLimits, read_system
+from .system import PortUse, SystemLimits, read_system
 
 PROCESS_LABELS = ["pid", "comm", "container"]
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -29,7 +29,8 @@ class HeadroomSnapshot:
 
 
 def read_headroom(pids: Iterable[int], with_socket_table: bool = True,
-                  previous: HeadroomSnapshot | None = None) -> HeadroomSnapshot:
+                  previous: HeadroomSnapshot | None = None,
+                  port_use: Callable[[tuple[int, int]], PortUse | None] | None = None) -> HeadroomSnapshot:
     """Per-process fd use and the system limits. with_socket_table=False keeps
     the previous reading's socket-table numbers (see read_system)."""
     per_process: dict[int, tuple[int, int]] = {}
@@ -39,7 +40,7 @@ def read_headroom(pids: Iterable[int], with_socket_table: bool = True,
         if open_count is None or limit is None:
             continue  # exited (or became unreadable) between the two reads
         per_process[pid] = (open_count, limit)
-    system = read_system(with_socket_table, previous.system if previous else None)
+    system = read_system(with_socket_table, previous.system if previous else None, port_use)
     return HeadroomSnapshot(system=system, process_fds=per_process)
 
 
@@ -105,10 +106,11 @@ def _system_metrics(s: SystemLimits) -> Iterator[Metric]:
                       "Distinct local ports in the ephemeral range held by outbound TCP sockets "
                       "(TIME_WAIT included; the agent's network namespace).",
                       s.ephemeral_ports_in_use)
+    busiest = s.port_destinations[0][1] if s.port_destinations else (0 if s.port_destinations is not None else None)
     yield from _gauge("connwatch_system_ephemeral_ports_in_use_max_destination",
                       "Local ports held by outbound TCP sockets to the busiest single destination (remote ip:port); "
                       "connect() fails with EADDRNOTAVAIL when this reaches connwatch_system_ephemeral_ports.",
-                      s.busiest_destination_ports_in_use)
+                      busiest)
     yield from _gauge("connwatch_system_tcp_time_wait",
                       "TCP sockets in TIME_WAIT (/proc/net/sockstat tw).", s.tcp_time_wait)
     yield from _gauge("connwatch_system_tcp_time_wait_limit",

@@ -8,12 +8,15 @@ pointers with errno set); both become :class:`LibbpfError` here.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 log = logging.getLogger("connwatch.libbpf")
@@ -21,8 +24,46 @@ log = logging.getLogger("connwatch.libbpf")
 _lib = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
 
 
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """libbpf's warnings as debug messages: for trials that may fail."""
+    global _quiet
+    _quiet = True
+    try:
+        yield
+    finally:
+        _quiet = False
+
+
 class LibbpfError(OSError):
     """A libbpf call failed; ``errno`` is set."""
+
+
+class LoadError(LibbpfError):
+    """Loading an object failed. ``program`` names the program the kernel
+    refused (None if the failure was not a program's), ``reason`` says why:
+    the verifier's last word, or the errno."""
+
+    def __init__(self, err: int, what: str, program: str | None, reason: str):
+        super().__init__(err, what)
+        self.program = program
+        self.reason = reason
+
+
+_FAILED_PROG = re.compile(r"prog '([^']+)': failed to load")
+
+
+def _load_failure(err: int, warnings: list[str]) -> tuple[str | None, str]:
+    """(program, reason) from libbpf's warnings about a failed load."""
+    program = next((m.group(1) for w in reversed(warnings) if (m := _FAILED_PROG.search(w))), None)
+    reason = os.strerror(err)
+    for w in reversed(warnings):
+        if "-- END PROG LOAD LOG --" in w:
+            lines = [ln for ln in w.splitlines() if ln.strip() and not ln.startswith(("processed ", "--"))]
+            if lines:
+                reason = f"{reason}: {lines[-1].strip()}"
+            break
+    return program, reason
 
 
 def _check(ret: int, what: str) -> int:
@@ -85,6 +126,12 @@ _btf_find = _fn("btf__find_by_name_kind", _i, _vp, _cp, _u32)
 _btf_type = _fn("btf__type_by_id", _vp, _vp, _u32)
 _btf_name = _fn("btf__name_by_offset", _cp, _vp, _u32)
 _btf_resolve_size = _fn("btf__resolve_size", ctypes.c_long, _vp, _u32)
+_btf_load_vmlinux = _fn("btf__load_vmlinux_btf", _vp)
+_btf_free = _fn("btf__free", None, _vp)
+_map_type = _fn("bpf_map__type", _i, _vp)
+_ringbuf_new = _fn("ring_buffer__new", _vp, _i, _vp, _vp, _vp)
+_ringbuf_poll = _fn("ring_buffer__poll", _i, _vp, _i)
+_ringbuf_free = _fn("ring_buffer__free", None, _vp)
 
 # ---- libbpf log -> Python logging -------------------------------------------
 
@@ -96,13 +143,24 @@ _vsnprintf.argtypes = [_cp, ctypes.c_size_t, _cp, _vp]
 _LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
 
+# one buffer for every message: a verifier log runs to hundreds of KiB, and
+# its last lines (the reason a program was refused) must not be cut off
+_print_buf = ctypes.create_string_buffer(1 << 20)
+# warnings libbpf printed during the current BpfObject.load(), to name the
+# program that failed (libbpf unloads everything and returns only an errno)
+_load_warnings: list[str] | None = None
+# while set, libbpf's warnings are logged as debug (expected failures)
+_quiet = False
+
+
 @_PRINT_FN
 def _print(level: int, fmt: bytes, args: int) -> int:
-    buf = ctypes.create_string_buffer(4096)
-    n = _vsnprintf(buf, len(buf), fmt, args)
-    text = buf.value.decode(errors="replace").rstrip()
+    n = _vsnprintf(_print_buf, len(_print_buf), fmt, args)
+    text = _print_buf.value.decode(errors="replace").rstrip()
     if text:
-        log.log(_LEVELS.get(level, logging.DEBUG), "%s", text)
+        log.log(logging.DEBUG if _quiet else _LEVELS.get(level, logging.DEBUG), "%s", text)
+        if _load_warnings is not None and level == 0:
+            _load_warnings.append(text)
     return n
 
 
@@ -110,8 +168,12 @@ _set_print(_print)
 
 # ---- BTF ------------------------------------------------------------------
 
+BTF_KIND_PTR = 2
 BTF_KIND_STRUCT = 4
 BTF_KIND_ENUM = 6
+BTF_KIND_TYPEDEF = 8
+BTF_KIND_FUNC = 12
+BTF_KIND_FUNC_PROTO = 13
 BTF_KIND_DATASEC = 15
 
 
@@ -139,10 +201,55 @@ class BtfStruct:
 
 
 class Btf:
-    """Read-only view of an object's BTF (owned by the object)."""
+    """Read-only view of a BTF: an object's (owned by the object), or the
+    running kernel's (:meth:`kernel`, freed with :meth:`close`)."""
 
-    def __init__(self, ptr: int):
+    def __init__(self, ptr: int, owned: bool = False):
         self._p = ptr
+        self._owned = owned
+
+    @classmethod
+    def kernel(cls) -> Btf:
+        """The running kernel's BTF (/sys/kernel/btf/vmlinux)."""
+        return cls(_check_ptr(_btf_load_vmlinux(), "load the kernel's BTF"), owned=True)
+
+    def close(self) -> None:
+        if self._owned and self._p:
+            _btf_free(self._p)
+            self._p = None
+
+    def __enter__(self) -> Btf:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _type(self, tid: int) -> _BtfType:
+        return _BtfType.from_address(_btf_type(self._p, tid))
+
+    def _proto_params(self, tid: int) -> int | None:
+        """Parameter count of the FUNC_PROTO at tid, None if it is not one."""
+        t = self._type(tid)
+        return t.info & 0xFFFF if (t.info >> 24) & 0x1F == BTF_KIND_FUNC_PROTO else None
+
+    def function_arity(self, name: str) -> int | None:
+        """Arguments of a kernel function, None if BTF does not know it (absent
+        or inlined everywhere: then no fentry or BTF-typed hook can reach it)."""
+        tid = _btf_find(self._p, name.encode(), BTF_KIND_FUNC)
+        return None if tid < 0 else self._proto_params(self._type(tid).size)
+
+    def tracepoint_arity(self, name: str) -> int | None:
+        """Arguments of a BTF-typed tracepoint (its btf_trace_<name> typedef is a
+        pointer to a prototype whose first parameter is the probe's context),
+        None if the kernel has no such tracepoint."""
+        tid = _btf_find(self._p, f"btf_trace_{name}".encode(), BTF_KIND_TYPEDEF)
+        if tid < 0:
+            return None
+        ptr = self._type(self._type(tid).size)
+        if (ptr.info >> 24) & 0x1F != BTF_KIND_PTR:
+            return None
+        params = self._proto_params(ptr.size)
+        return None if params is None else params - 1
 
     def _name(self, off: int) -> str:
         return (_btf_name(self._p, off) or b"").decode()
@@ -221,6 +328,11 @@ class Map:
     @property
     def is_internal(self) -> bool:
         return bool(_map_is_internal(self._p))
+
+    @property
+    def type(self) -> int:
+        """enum bpf_map_type"""
+        return _map_type(self._p)
 
     def initial_value(self) -> ctypes.Array:
         """The writable pre-load image of a global-data map (.rodata, .bss)."""
@@ -344,6 +456,16 @@ class _ProgInfo(ctypes.Structure):
     ]
 
 
+class _IterMapInfo(ctypes.Structure):
+    """union bpf_iter_link_info, its map member"""
+    _fields_ = [("map_fd", _u32)]
+
+
+class _IterAttachOpts(ctypes.Structure):
+    """struct bpf_iter_attach_opts"""
+    _fields_ = [("sz", ctypes.c_size_t), ("link_info", ctypes.c_void_p), ("link_info_len", _u32)]
+
+
 class Program:
     def __init__(self, ptr: int):
         self._p = ptr
@@ -365,9 +487,16 @@ class Program:
     def attach(self) -> None:
         self._link = _check_ptr(_prog_attach(self._p), f"attach {self.name}")
 
-    def attach_iter(self) -> None:
-        """Attach an iterator program (task_file and other targets without options)."""
-        self._link = _check_ptr(_prog_attach_iter(self._p, None), f"attach iterator {self.name}")
+    def attach_iter(self, map_fd: int | None = None) -> None:
+        """Attach an iterator program; map_fd for targets over one map's
+        elements (bpf_map_elem), None for the others (task_file, tcp, ...)."""
+        opts = None
+        if map_fd is not None:
+            info = _IterMapInfo(map_fd)
+            opts = _IterAttachOpts(ctypes.sizeof(_IterAttachOpts),
+                                   ctypes.cast(ctypes.pointer(info), ctypes.c_void_p), ctypes.sizeof(info))
+        self._link = _check_ptr(_prog_attach_iter(self._p, ctypes.byref(opts) if opts else None),
+                                f"attach iterator {self.name}")
 
     def run_iter(self) -> bytes:
         """Run an attached iterator once; returns everything it wrote."""
@@ -376,7 +505,15 @@ class Program:
         fd = _check(_iter_create(_link_fd(self._link)), f"create iterator {self.name}")
         chunks = []
         try:
-            while chunk := os.read(fd, 1 << 16):
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    # a read() that visited a million objects without output
+                    # (the kernel's cap per call) ends with EAGAIN: go on
+                    continue
+                if not chunk:
+                    break
                 chunks.append(chunk)
         finally:
             os.close(fd)
@@ -404,6 +541,61 @@ class Program:
 def enable_run_time_stats() -> int:
     """BPF_ENABLE_STATS(BPF_STATS_RUN_TIME): statistics stay on while the returned fd is open."""
     return _check(_enable_stats(0), "enable BPF run-time statistics")
+
+
+# ---- global variables and ring buffers ---------------------------------------
+
+
+class GlobalVars:
+    """Global variables of a loaded object's .bss, through an mmap of its map."""
+
+    def __init__(self, mp: Map, layout: dict[str, tuple[int, int]]):
+        self._layout = layout
+        self._mem = mmap.mmap(mp.fd, max(mp.value_size, mmap.PAGESIZE), mmap.MAP_SHARED,
+                              mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def _at(self, name: str, ctype) -> ctypes._CData:
+        offset, size = self._layout[name]
+        if ctypes.sizeof(ctype) != size:
+            raise ValueError(f"{name}: {size} bytes, not {ctypes.sizeof(ctype)}")
+        return ctype.from_buffer(self._mem, offset)
+
+    def set(self, name: str, ctype, value) -> None:
+        self._at(name, ctype).value = value
+
+    def get(self, name: str, ctype):
+        return self._at(name, ctype).value
+
+    def close(self) -> None:
+        self._mem.close()
+
+
+_RINGBUF_SAMPLE_FN = ctypes.CFUNCTYPE(_i, _vp, _vp, ctypes.c_size_t)
+
+
+class RingBuffer:
+    """A BPF ring buffer map, read with a callback per record."""
+
+    def __init__(self, mp: Map, on_record: Callable[[bytes], None]):
+        @_RINGBUF_SAMPLE_FN
+        def sample(_ctx, data, size):
+            on_record(ctypes.string_at(data, size))
+            return 0
+
+        self._sample = sample  # keep the callback alive as long as libbpf may call it
+        self._p = _check_ptr(_ringbuf_new(mp.fd, sample, None, None), f"ring buffer {mp.name}")
+
+    def poll(self, timeout_ms: int) -> int:
+        """Wait up to timeout_ms for records; calls on_record for each; returns their count."""
+        ret = _ringbuf_poll(self._p, timeout_ms)
+        if ret == -errno.EINTR:
+            return 0
+        return _check(ret, "poll ring buffer")
+
+    def close(self) -> None:
+        if self._p:
+            _ringbuf_free(self._p)
+            self._p = None
 
 
 # ---- objects --------------------------------------------------------------
@@ -453,7 +645,24 @@ class BpfObject:
         ctypes.memmove(ctypes.addressof(image) + offset, ctypes.byref(value), size)
 
     def load(self) -> None:
-        _check(_obj_load(self._p), f"load {os.path.basename(self.path)}")
+        """Load every program with autoload set; LoadError names a refused one."""
+        global _load_warnings
+        _load_warnings = warnings = []
+        try:
+            ret = _obj_load(self._p)
+        finally:
+            _load_warnings = None
+        if ret < 0:
+            program, reason = _load_failure(-ret, warnings)
+            raise LoadError(-ret, f"load {os.path.basename(self.path)}: {reason}", program, reason)
+
+    def globals(self, section: str = ".bss") -> GlobalVars:
+        """The loaded object's global variables of a writable section, shared
+        with the kernel (libbpf 1.1 remaps them only for skeletons)."""
+        for m in self.maps.values():
+            if m.is_internal and m.name.endswith(section):
+                return GlobalVars(m, self.btf.section_vars(section))
+        raise LookupError(f"{self.path} has no {section}")
 
     def close(self) -> None:
         if self._p is not None:

@@ -1,52 +1,335 @@
-"""Load connwatch's BPF object, probe which programs this kernel accepts, attach.
+"""Load connwatch's BPF object with one attach strategy per logical probe.
 
-Each program is one probe. A program the verifier rejects or that cannot
-attach is reported (``connwatch_probe_enabled{probe=...} 0`` and a log line)
-and skipped; start-up fails only when nothing at all can attach.
+Each logical probe (accept, fd_failures, ...) lists the ways it can attach,
+best first: fentry/fexit on the kernel function where the event happens,
+kprobe/kretprobe on the same function, then a tracepoint fallback. At
+start-up each probe gets the first strategy this kernel can do, judged from
+the running kernel's BTF and from two tiny feature-probe programs, and the
+object is loaded with only the chosen programs. A program the verifier still
+refuses moves its probe to the next strategy. A probe with none left is
+reported off (``connwatch_probe_enabled{probe} 0`` and one log line naming
+what the kernel lacks); start-up fails only when connections cannot be
+counted at all.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
-from . import bpf_types
+from . import bpf_types, libbpf
 from .config import Config
-from .libbpf import BpfObject, LibbpfError
+from .libbpf import Btf, BpfObject, GlobalVars, LibbpfError, LoadError
 
 log = logging.getLogger("connwatch.probes")
 
-# BPF program name -> probe name used in metrics and logs
-PROBES = {
-    "cw_sys_exit": "sys_exit",
-    "cw_sock_state": "inet_sock_set_state",
-    "cw_sock_state_nested": "inet_sock_set_state_nested",
-    "cw_kfree_skb": "kfree_skb",
-    "cw_process_exit": "sched_process_exit",
-    "cw_sock_send": "sock_send_length",
-    "cw_sock_recv": "sock_recv_length",
-    "cw_seed_listeners": "seed_listeners",
-    "cw_seed_conns": "seed_connections",
-    "cw_listener_stats": "listener_stats",
-}
-
-# iterator programs: attached as iterator links, run on demand
-ITERATORS = {"cw_seed_listeners", "cw_seed_conns", "cw_listener_stats"}
-SEED_ITERATORS = ("cw_seed_listeners", "cw_seed_conns")
-
 INSTALLED_OBJECT = "/usr/share/connwatch/bpf/connwatch.bpf.o"
-
-
-def switched_off(cfg: Config) -> set[str]:
-    """Programs the configuration turns off (not loaded, not reported as probes)."""
-    return set() if cfg.syscall_tracing else {"cw_sys_exit"}
+FEATURE_PROBES = ("cw_probe_fentry", "cw_probe_sk_storage")
+KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
+BPF_MAP_TYPE_RINGBUF = 27
+BPF_MAP_TYPE_SK_STORAGE = 24
 
 
 class ProbeError(RuntimeError):
     """Nothing could be loaded or attached; the message says why and what to do."""
+
+
+# ---- what the running kernel offers ---------------------------------------------
+
+
+class Kernel:
+    """The running kernel's BTF, symbols and BPF features, looked up lazily."""
+
+    def __init__(self, btf: Btf, object_path: str):
+        self.btf = btf
+        self._object_path = object_path
+
+    @cached_property
+    def kallsyms(self) -> frozenset[str]:
+        try:
+            with open("/proc/kallsyms") as f:
+                return frozenset(line.split()[2] for line in f if line.split()[1] in "tT")
+        except OSError:
+            return frozenset()
+
+    @cached_property
+    def kprobes(self) -> bool:
+        """Kernels built without CONFIG_KPROBES have neither the PMU nor kprobe_events."""
+        return os.path.isdir(KPROBE_PMU) or os.path.exists("/sys/kernel/tracing/kprobe_events") \
+            or os.path.exists("/sys/kernel/debug/tracing/kprobe_events")
+
+    @cached_property
+    def fentry(self) -> str | None:
+        """None if fentry/fexit programs load and attach here, else why not."""
+        return _feature_probe(self._object_path, "cw_probe_fentry", attach=True)
+
+    @cached_property
+    def sk_storage(self) -> str | None:
+        """None if tracing programs may use socket local storage (v5.11)."""
+        return _feature_probe(self._object_path, "cw_probe_sk_storage", attach=False)
+
+    def helper(self, name: str) -> bool:
+        return f"BPF_FUNC_{name}" in (self.btf.enum("bpf_func_id") or {})
+
+    def enum_value(self, enum: str, value: str) -> bool:
+        return value in (self.btf.enum(enum) or {})
+
+
+def _feature_probe(path: str, program: str, attach: bool) -> str | None:
+    """Load one program of the object alone (maps shrunk to one entry): None
+    if the kernel takes it, else the reason it gave."""
+    with libbpf.quiet(), BpfObject(path) as obj:
+        for name, prog in obj.programs.items():
+            prog.autoload = name == program
+        for mp in obj.maps.values():
+            if not mp.is_internal and mp.type not in (BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SK_STORAGE):
+                mp.set_max_entries(1)
+        try:
+            obj.load()
+            if attach:
+                obj.programs[program].attach()
+        except LibbpfError as e:
+            return getattr(e, "reason", None) or e.strerror
+    return None
+
+
+# ---- strategies -----------------------------------------------------------------
+
+# A requirement is checked against the kernel before anything is loaded: it
+# returns None when met, or what the kernel lacks.
+Requirement = Callable[[Kernel], "str | None"]
+
+
+def _function(name: str) -> Requirement:
+    def check(k: Kernel) -> str | None:
+        return None if k.btf.function_arity(name) is not None else f"no kernel function {name} in BTF"
+    return check
+
+
+def _fentry(k: Kernel) -> str | None:
+    return f"fentry/fexit unavailable ({k.fentry})" if k.fentry else None
+
+
+def _ksym(name: str) -> Requirement:
+    def check(k: Kernel) -> str | None:
+        if not k.kprobes:
+            return "kprobes unavailable (kernel built without CONFIG_KPROBES)"
+        return None if name in k.kallsyms else f"no kernel symbol {name}"
+    return check
+
+
+def _tracepoint(name: str, min_args: int = 0) -> Requirement:
+    def check(k: Kernel) -> str | None:
+        nargs = k.btf.tracepoint_arity(name)
+        if nargs is None:
+            return f"no tracepoint {name}"
+        return None if nargs >= min_args else f"tracepoint {name} has {nargs} arguments, {min_args} needed"
+    return check
+
+
+def _enum_value(enum: str, value: str) -> Requirement:
+    def check(k: Kernel) -> str | None:
+        return None if k.enum_value(enum, value) else f"no {value} in enum {enum}"
+    return check
+
+
+def _helper(name: str) -> Requirement:
+    def check(k: Kernel) -> str | None:
+        return None if k.helper(name) else f"no BPF helper {name}"
+    return check
+
+
+def _iter_target(name: str) -> Requirement:
+    def check(k: Kernel) -> str | None:
+        return None if k.btf.function_arity(f"bpf_iter_{name}") is not None else f"no BPF iterator {name}"
+    return check
+
+
+@dataclass(frozen=True)
+class Strategy:
+    via: str                     # fentry, kprobe, tracepoint, syscall_hook or iterator
+    attach: str                  # where, for people: "fexit/inet_csk_accept"
+    programs: tuple[str, ...]    # the BPF programs it loads (cw_sys_exit is shared)
+    requires: tuple[Requirement, ...] = ()
+    fexit_functions: tuple[str, ...] = ()  # their arity goes into nargs_<function>
+
+    def unmet(self, kernel: Kernel) -> str | None:
+        for check in self.requires:
+            reason = check(kernel)
+            if reason:
+                return reason
+        return None
+
+
+def fexit(program: str, *functions: str, section: str = "fexit") -> Strategy:
+    """fentry/fexit programs on kernel functions (one program per function)."""
+    return Strategy("fentry", ", ".join(f"{section}/{f}" for f in functions), (program,),
+                    (_fentry, *map(_function, functions)), fexit_functions=functions)
+
+
+def kprobes(programs: tuple[str, ...], *functions: str, attach: str) -> Strategy:
+    return Strategy("kprobe", attach, programs, tuple(map(_ksym, functions)))
+
+
+SYSCALL_HOOK_PROGRAM = "cw_sys_exit"
+SYSCALL_HOOK = Strategy("syscall_hook", "tp_btf/sys_exit", (SYSCALL_HOOK_PROGRAM,), (_tracepoint("sys_exit", 2),))
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    strategies: tuple[Strategy, ...]
+    metrics: tuple[str, ...]     # what it feeds (docs/kernels.md)
+    required: bool = False       # nothing is counted without it
+
+
+def _merge(*strategies: Strategy) -> Strategy:
+    """Several programs of one kind as one strategy (a probe with several hook points)."""
+    return Strategy(strategies[0].via, ", ".join(s.attach for s in strategies),
+                    tuple(p for s in strategies for p in s.programs),
+                    tuple(r for s in strategies for r in s.requires),
+                    tuple(f for s in strategies for f in s.fexit_functions))
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("connection_state", (
+        Strategy("tracepoint", "tp_btf/inet_sock_set_state", ("cw_sock_state", "cw_sock_state_nested"),
+                 (_tracepoint("inet_sock_set_state", 3),)),
+    ), ("connwatch_connections_closed_total", "connwatch_connections_close_wait",
+        "connwatch_connection_duration_seconds", "connwatch_listen_backlog"), required=True),
+    Probe("accept", (
+        fexit("cw_accept_fexit", "inet_csk_accept"),
+        kprobes(("cw_accept_kretprobe",), "inet_csk_accept", attach="kretprobe/inet_csk_accept"),
+        # no program of its own: cw_sock_state counts handshakes (count_at_handshake)
+        Strategy("tracepoint", "tp_btf/inet_sock_set_state (handshake)", (),
+                 (_tracepoint("inet_sock_set_state", 3),)),
+    ), ("connwatch_connections", "connwatch_connections_accepted_total", "connwatch_peer_connections")),
+    Probe("classification", (
+        _merge(fexit("cw_sendmsg_fentry", "tcp_sendmsg", section="fentry"),
+               fexit("cw_recvmsg_fexit", "tcp_recvmsg")),
+        kprobes(("cw_sendmsg_kprobe", "cw_recvmsg_kprobe", "cw_recvmsg_kretprobe"), "tcp_sendmsg", "tcp_recvmsg",
+                attach="kprobe/tcp_sendmsg, kretprobe/tcp_recvmsg"),
+        Strategy("tracepoint", "tp_btf/sock_send_length, tp_btf/sock_recv_length", ("cw_sock_send", "cw_sock_recv"),
+                 (_tracepoint("sock_send_length", 3), _tracepoint("sock_recv_length", 3))),
+    ), ('connwatch_connections{kind="websocket"}', 'connwatch_connections{kind="tls"}',
+        "connwatch_websocket_upgrades_total")),
+    Probe("listen_backlog", (
+        fexit("cw_listen_fexit", "__sys_listen"),
+        kprobes(("cw_listen_kprobe", "cw_listen_kretprobe"), "__sys_listen", attach="kretprobe/__sys_listen"),
+        SYSCALL_HOOK,
+    ), ("connwatch_listen_backlog_requested",)),
+    Probe("fd_failures", (
+        _merge(fexit("cw_alloc_fd_fexit", "alloc_fd"), fexit("cw_alloc_file_fexit", "alloc_empty_file")),
+        kprobes(("cw_alloc_fd_kretprobe", "cw_alloc_file_kretprobe"), "alloc_fd", "alloc_empty_file",
+                attach="kretprobe/alloc_fd, kretprobe/alloc_empty_file"),
+        SYSCALL_HOOK,
+    ), ("connwatch_fd_alloc_failures_total",)),
+    Probe("port_exhaustion", (
+        _merge(fexit("cw_hash_connect_fexit", "inet_hash_connect"),
+               fexit("cw_hash_connect6_fexit", "inet6_hash_connect"),
+               fexit("cw_get_port_fexit", "inet_csk_get_port")),
+        kprobes(("cw_hash_connect_kretprobe", "cw_hash_connect6_kretprobe", "cw_get_port_kprobe",
+                 "cw_get_port_kretprobe"), "inet_hash_connect", "inet6_hash_connect", "inet_csk_get_port",
+                attach="kretprobe/inet_hash_connect, kretprobe/inet6_hash_connect, kretprobe/inet_csk_get_port"),
+        SYSCALL_HOOK,
+    ), ("connwatch_port_exhaustion_failures_total",)),
+    Probe("overflow_drops", (
+        _merge(fexit("cw_syn_recv_fexit", "tcp_v4_syn_recv_sock"),
+               fexit("cw_syn_recv6_fexit", "tcp_v6_syn_recv_sock")),
+        kprobes(("cw_syn_recv_kprobe", "cw_syn_recv_kretprobe", "cw_syn_recv6_kprobe", "cw_syn_recv6_kretprobe"),
+                "tcp_v4_syn_recv_sock", "tcp_v6_syn_recv_sock",
+                attach="kretprobe/tcp_v4_syn_recv_sock, kretprobe/tcp_v6_syn_recv_sock"),
+        Strategy("tracepoint", "tp_btf/kfree_skb", ("cw_kfree_skb",),
+                 (_tracepoint("kfree_skb", 3),
+                  _enum_value("skb_drop_reason", "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"))),
+    ), ("connwatch_listen_overflow_drops_total",)),
+    Probe("process_exit", (
+        Strategy("tracepoint", "tp_btf/sched_process_exit", ("cw_process_exit",),
+                 (_tracepoint("sched_process_exit", 1),)),
+    ), ()),
+    Probe("seeding", (
+        Strategy("iterator", "iter/task_file", ("cw_seed_listeners", "cw_seed_conns"), (_iter_target("task_file"),)),
+    ), ()),
+    Probe("listener_stats", (
+        Strategy("iterator", "iter/bpf_map + bpf_for_each_map_elem", ("cw_listener_stats",),
+                 (_iter_target("bpf_map"), _helper("for_each_map_elem"))),
+        Strategy("iterator", "iter/bpf_map_elem", ("cw_listener_stats_elem",), (_iter_target("bpf_map_elem"),)),
+    ), ("connwatch_listen_queue_length", "connwatch_listen_backlog", "connwatch_listen_drops_total",
+        "connwatch_listen_somaxconn")),
+    Probe("port_use", (
+        Strategy("iterator", "iter/tcp", ("cw_port_use",), (_iter_target("tcp"),)),
+    ), ("connwatch_system_ephemeral_ports_in_use", "connwatch_ephemeral_ports_in_use")),
+)
+
+PROBE_NAMES = tuple(p.name for p in PROBES)
+SYSCALL_HOOK_PROBES = tuple(p.name for p in PROBES if SYSCALL_HOOK in p.strategies)
+
+
+# ---- the plan: one strategy per probe ---------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Which strategy each probe uses (index into its list), or why none."""
+
+    kernel: Kernel
+    cfg: Config
+    chosen: dict[str, int] = field(default_factory=dict)
+    off: dict[str, str] = field(default_factory=dict)        # probe -> what the kernel lacks
+    tried: dict[str, list[str]] = field(default_factory=dict)  # probe -> reasons earlier strategies failed
+    storage: bool = True  # socket storage, while nothing rules it out
+
+    def choose(self, probe: Probe, start: int = 0) -> None:
+        for i in range(start, len(probe.strategies)):
+            s = probe.strategies[i]
+            reason = s.unmet(self.kernel) or self._excluded(s)
+            if reason is None:
+                self.chosen[probe.name] = i
+                return
+            self.tried.setdefault(probe.name, []).append(f"{s.attach}: {reason}")
+        self.chosen.pop(probe.name, None)
+        self.off[probe.name] = "; ".join(self.tried.get(probe.name, [])) or "no strategy"
+
+    def _excluded(self, s: Strategy) -> str | None:
+        if s.via not in self.cfg.attach_kinds:
+            return f"{s.via} not in attach_kinds"
+        return None
+
+    def strategy(self, probe: str) -> Strategy | None:
+        i = self.chosen.get(probe)
+        return None if i is None else _PROBE[probe].strategies[i]
+
+    def programs(self) -> set[str]:
+        return {p for name in self.chosen for p in self.strategy(name).programs}
+
+    def owner_of(self, program: str) -> str | None:
+        return next((name for name in self.chosen if program in self.strategy(name).programs), None)
+
+    def demote(self, probe: str, reason: str) -> None:
+        s = self.strategy(probe)
+        self.tried.setdefault(probe, []).append(f"{s.attach}: {reason}")
+        self.choose(_PROBE[probe], self.chosen[probe] + 1)
+
+    def uses(self, via: str) -> bool:
+        return any(self.strategy(name).via == via for name in self.chosen)
+
+    @property
+    def use_sk_storage(self) -> bool:
+        # kprobes see untyped pointers, which socket storage refuses
+        return self.storage and not self.uses("kprobe") and not self.kernel.sk_storage
+
+    def syscall_hook_probes(self) -> list[str]:
+        return [name for name in self.chosen if self.strategy(name) is SYSCALL_HOOK]
+
+
+_PROBE = {p.name: p for p in PROBES}
 
 
 def find_object(configured: str = "") -> str:
@@ -64,128 +347,232 @@ def find_object(configured: str = "") -> str:
     )
 
 
-def _configure(obj: BpfObject, cfg: Config) -> None:
-    for name, mp in obj.maps.items():
-        # one owner entry per listening address: sized like the listeners
-        cap = getattr(cfg.maps, "listeners" if name == "listen_owners" else name, None)
-        if cap:
-            mp.set_max_entries(cap)
-    ports = (ctypes.c_uint16 * bpf_types.WS_PORTS_MAX)(*cfg.websocket_ports)
-    obj.set_rodata("websocket_ports", ports)
-    obj.set_rodata("websocket_ports_len", ctypes.c_uint32(len(cfg.websocket_ports)))
-    obj.set_rodata("count_at_handshake", ctypes.c_bool(not cfg.syscall_tracing))
-
-
-def _open(path: str, cfg: Config, only: set[str] | None = None) -> BpfObject:
+def _open(path: str, cfg: Config, plan: Plan) -> BpfObject:
+    """The object configured for the plan: sizes, settings, which programs load."""
     obj = BpfObject(path)
     try:
-        _configure(obj, cfg)
-        off = switched_off(cfg)
+        for name, mp in obj.maps.items():
+            cap = cfg.maps.capacity(name)
+            if cap:
+                mp.set_max_entries(cap)
+        wanted = plan.programs()
         for name, prog in obj.programs.items():
-            prog.autoload = name not in off and (only is None or name in only)
+            prog.autoload = name in wanted
+        ports = (ctypes.c_uint16 * bpf_types.WS_PORTS_MAX)(*cfg.websocket_ports)
+        obj.set_rodata("websocket_ports", ports)
+        obj.set_rodata("websocket_ports_len", ctypes.c_uint32(len(cfg.websocket_ports)))
+        obj.set_rodata("use_sk_storage", ctypes.c_bool(plan.use_sk_storage))
+        accept = plan.strategy("accept")
+        obj.set_rodata("count_at_handshake", ctypes.c_bool(accept is not None and accept.via == "tracepoint"))
+        hooked = plan.syscall_hook_probes()
+        obj.set_rodata("syscall_hook_counts_fd_failures", ctypes.c_bool("fd_failures" in hooked))
+        obj.set_rodata("syscall_hook_counts_port_exhaustion", ctypes.c_bool("port_exhaustion" in hooked))
+        obj.set_rodata("syscall_hook_sees_listen", ctypes.c_bool("listen_backlog" in hooked))
+        obj.set_rodata("arm_trigger", ctypes.c_bool(bool(hooked) and cfg.syscall_tracing == "on_demand"))
+        obj.set_rodata("arm_ratio_permille", ctypes.c_uint32(round(cfg.arm_ratio * 1000)))
+        for name in plan.chosen:
+            for fn in plan.strategy(name).fexit_functions:
+                obj.set_rodata(f"nargs_{fn}", ctypes.c_uint32(plan.kernel.btf.function_arity(fn)))
     except Exception:
         obj.close()
         raise
     return obj
 
 
+def _make_plan(kernel: Kernel, cfg: Config) -> Plan:
+    plan = Plan(kernel, cfg)
+    for probe in PROBES:
+        plan.choose(probe)
+    if cfg.syscall_tracing == "never":
+        for name in plan.syscall_hook_probes():
+            plan.chosen.pop(name)  # switched off by configuration: not "off", which alerts
+    return plan
+
+
+def _load(path: str, cfg: Config, plan: Plan) -> BpfObject:
+    """Load the plan's programs, demoting probes whose program the verifier refuses."""
+    while True:
+        if not plan.chosen:
+            raise ProbeError("no BPF program can run on this kernel: " + "; ".join(
+                f"{p}: {r}" for p, r in plan.off.items()))
+        obj = _open(path, cfg, plan)
+        try:
+            obj.load()
+            return obj
+        except LoadError as e:
+            obj.close()
+            if e.errno == errno.EPERM and e.program is None:
+                raise ProbeError("loading BPF programs was refused (EPERM): run as root or grant "
+                                 "CAP_BPF and CAP_PERFMON (see docs/security.md)") from None
+            probe = plan.owner_of(e.program) if e.program else None
+            if probe is None:
+                raise ProbeError(f"loading {path} failed: {e.reason}") from None
+            if plan.use_sk_storage:
+                # socket storage is an optimisation: give it up before a probe
+                log.warning("program %s refused with socket storage (%s); retrying without it",
+                            e.program, e.reason)
+                plan.storage = False
+                continue
+            log.warning("program %s refused: %s", e.program, e.reason)
+            plan.demote(probe, f"{e.program} refused: {e.reason}")
+
+
+# ---- the loaded probes ------------------------------------------------------------
+
+
+class SyscallHook:
+    """The syscall hook where it is a probe's strategy: attached for good
+    (``syscall_tracing: always``) or only while something nears a limit
+    (``on_demand``: see :meth:`Probes.arm`)."""
+
+    def __init__(self, obj: BpfObject, probes: list[str], bss: GlobalVars):
+        self.program = obj.programs[SYSCALL_HOOK_PROGRAM]
+        self.probes = probes
+        self._globals = bss
+
+    @property
+    def armed(self) -> bool:
+        return self.program.attached
+
+    def arm(self, why: str) -> None:
+        if self.armed:
+            return
+        self.program.attach()
+        self._globals.set("syscall_hook_armed", ctypes.c_uint32, 1)
+        log.info("syscall hook armed (%s): counting %s", why, ", ".join(self.probes))
+
+    def disarm(self, why: str) -> None:
+        if not self.armed:
+            return
+        self._globals.set("syscall_hook_armed", ctypes.c_uint32, 0)
+        self.program.detach()
+        log.info("syscall hook disarmed (%s)", why)
+
+
 @dataclass
 class Probes:
     obj: BpfObject
+    plan: Plan
+    globals: GlobalVars  # the object's .bss, shared with the kernel
     enabled: dict[str, bool] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
+    syscall_hook: SyscallHook | None = None
 
     @property
     def maps(self):
         return self.obj.maps
 
-    def run_iterator(self, name: str) -> bytes | None:
-        """Output of an attached iterator program; None if it is not attached."""
-        prog = self.obj.programs.get(name)
-        return prog.run_iter() if prog is not None and prog.attached else None
+    def via(self, probe: str) -> Strategy | None:
+        return self.plan.strategy(probe) if self.enabled.get(probe) else None
+
+    def run_iterator(self, probe: str) -> bytes | None:
+        """Output of a probe's iterator program; None if the probe is off."""
+        s = self.via(probe)
+        return self.obj.programs[s.programs[0]].run_iter() if s else None
 
     def seed(self) -> tuple[int, int]:
         """Record listeners and accepted connections that predate the agent.
 
-        Runs after the tracepoints are attached, so nothing falls between
-        the two; the BPF side inserts with BPF_NOEXIST, so sockets the
-        probes already track are left alone. Returns (listeners, sockets).
+        Runs after everything is attached, so nothing falls between the two;
+        a connection accepted while the walk runs is tracked once (see
+        seeding_active in bpf/conn.bpf.h). Returns (listeners, connections).
         """
-        if not all(self.run_iterator(name) is not None for name in SEED_ITERATORS):
-            log.warning("start-up seeding incomplete: %s not attached",
-                        " or ".join(PROBES[n] for n in SEED_ITERATORS))
+        s = self.via("seeding")
+        if s is None:
+            log.warning("start-up seeding impossible (%s): listeners and connections that predate the "
+                        "agent are not counted", self.plan.off.get("seeding", "switched off"))
+        else:
+            self.globals.set("seeding_active", ctypes.c_uint32, 1)
+            try:
+                for program in s.programs:
+                    self.obj.programs[program].run_iter()
+            finally:
+                self.globals.set("seeding_active", ctypes.c_uint32, 0)
+                self._forget_seed_claims()
         maps = self.obj.maps
         return (sum(1 for _ in maps["listeners"].items(ctypes.c_uint64, bpf_types.Listener)),
                 sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64)))
 
+    def bpf_calls_need_capability(self) -> bool:
+        """Whether reading maps and running iterators needs CAP_BPF after the
+        capability drop. Measured, not looked up by version: a thread (whose
+        capabilities are its own) drops them all and reads a map."""
+        from . import caps
+
+        refused: list[bool] = []
+
+        def attempt() -> None:
+            caps.drop_thread_capabilities()
+            try:
+                next(self.obj.maps["procs"].items(ctypes.c_uint32, bpf_types.Proc), None)
+                refused.append(False)
+            except LibbpfError as e:
+                refused.append(e.errno == errno.EPERM)
+
+        t = threading.Thread(target=attempt, name="bpf-capability-check")
+        t.start()
+        t.join()
+        return refused == [True]
+
+    def _forget_seed_claims(self) -> None:
+        claims = self.obj.maps["seed_claims"]
+        for key, _ in list(claims.items(ctypes.c_uint64, ctypes.c_uint8)):
+            claims.delete(ctypes.c_uint64(key))
+
     def close(self) -> None:
+        self.globals.close()
         self.obj.close()
 
 
-def _loadable(path: str, cfg: Config) -> tuple[set[str], dict[str, str]]:
-    """Which programs this kernel's verifier accepts, each tried on its own."""
-    with BpfObject(path) as probe:
-        names = list(probe.programs)
-    ok, errors = set(), {}
-    for name in set(names) - switched_off(cfg):
-        obj = _open(path, cfg, only={name})
+def _attach(obj: BpfObject, plan: Plan) -> str | None:
+    """Attach every chosen program but the syscall hook (armed later, or
+    not at all); the first program that will not attach, or None."""
+    for name in sorted(plan.programs() - {SYSCALL_HOOK_PROGRAM}):
+        prog = obj.programs[name]
         try:
-            obj.load()
-            ok.add(name)
+            prog.attach_iter() if plan.strategy(plan.owner_of(name)).via == "iterator" else prog.attach()
         except LibbpfError as e:
-            errors[name] = f"load failed: {e.strerror}"
-        finally:
-            obj.close()
-    return ok, errors
+            return f"{name}: attach failed: {e.strerror}"
+    return None
 
 
 def load_and_attach(cfg: Config) -> Probes:
     path = find_object(cfg.bpf_object)
-    errors: dict[str, str] = {}
-    obj = _open(path, cfg)
-    try:
-        bpf_types.check_layout(obj.btf)
-    except bpf_types.LayoutMismatch as e:
-        obj.close()
-        raise ProbeError(f"{path} does not match this agent's struct layout ({e}); "
-                         "rebuild the BPF object from the same source tree") from None
-    try:
-        obj.load()
-    except LibbpfError as e:
-        obj.close()
-        if e.errno == 1:  # EPERM
-            raise ProbeError(
-                "loading BPF programs was refused (EPERM): run as root or grant "
-                "CAP_BPF and CAP_PERFMON (see docs/security.md)"
-            ) from None
-        log.warning("loading all programs failed (%s); probing them one by one", e.strerror)
-        ok, errors = _loadable(path, cfg)
-        if not ok:
-            raise ProbeError(f"no BPF program of {path} passed the verifier: {errors}") from None
-        obj = _open(path, cfg, only=ok)
-        obj.load()
-
-    probes = Probes(obj, errors=dict(errors))
-    off = switched_off(cfg)
-    for name, prog in obj.programs.items():
-        probe = PROBES.get(name, name)
-        if name in off:
-            log.info("probe %s switched off by configuration", probe)
-            continue
-        if not prog.autoload:
-            probes.enabled[probe] = False
-            log.warning("probe %s disabled: %s", probe, errors.get(name, "not loaded"))
-            continue
+    with BpfObject(path) as unloaded:
         try:
-            prog.attach_iter() if name in ITERATORS else prog.attach()
-            probes.enabled[probe] = True
-        except LibbpfError as e:
-            probes.enabled[probe] = False
-            probes.errors[name] = f"attach failed: {e.strerror}"
-            log.warning("probe %s disabled: attach failed: %s", probe, e.strerror)
-    if not any(probes.enabled.values()):
+            bpf_types.check_layout(unloaded.btf)
+        except bpf_types.LayoutMismatch as e:
+            raise ProbeError(f"{path} does not match this agent's struct layout ({e}); "
+                             "rebuild the BPF object from the same source tree") from None
+    kernel = Kernel(Btf.kernel(), path)
+    plan = _make_plan(kernel, cfg)
+    while True:
+        obj = _load(path, cfg, plan)
+        failure = _attach(obj, plan)
+        if failure is None:
+            break
+        obj.close()
+        program = failure.split(":", 1)[0]
+        log.warning("program %s", failure)
+        plan.demote(plan.owner_of(program), failure)
+    kernel.btf.close()  # every arity is in place
+    probes = Probes(obj, plan, obj.globals())
+    for probe in PROBES:
+        s = plan.strategy(probe.name)
+        if s is not None:
+            probes.enabled[probe.name] = True
+            log.info("probe %s via %s (%s)", probe.name, s.via, s.attach)
+        elif probe.name in plan.off:
+            probes.enabled[probe.name] = False
+            log.warning("probe %s off: %s", probe.name, plan.off[probe.name])
+        else:
+            log.info("probe %s switched off by configuration (syscall_tracing: never)", probe.name)
+    if not any(probes.enabled.get(p.name) for p in PROBES if p.required):
         probes.close()
-        raise ProbeError(f"no BPF program could attach: {probes.errors}; "
-                         "check `connwatch doctor` and that this kernel has BTF")
-    log.info("probes attached: %s", ", ".join(p for p, on in probes.enabled.items() if on))
+        raise ProbeError("connections cannot be counted on this kernel: " + "; ".join(
+            f"{p.name}: {plan.off.get(p.name)}" for p in PROBES if p.required))
+    hooked = plan.syscall_hook_probes()
+    if hooked:
+        probes.syscall_hook = SyscallHook(obj, hooked, probes.globals)
+        if cfg.syscall_tracing == "always":
+            probes.syscall_hook.arm("syscall_tracing: always")
     return probes

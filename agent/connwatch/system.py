@@ -21,7 +21,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 PROC = "/proc"
@@ -78,11 +78,10 @@ class SystemLimits:
     ephemeral_ports: int | None = None
     # distinct local ports in the range held by outbound TCP sockets
     ephemeral_ports_in_use: int | None = None
-    # the remote "ip:port" with the most outbound sockets, and how many
-    # local ports they hold: connect() runs out per destination
-    busiest_destination: str | None = None
-    busiest_destination_ports_in_use: int | None = None
-    # where the socket-table numbers came from: "sock_diag" or "proc"
+    # (remote "ip:port", local ports held towards it), most first:
+    # connect() runs out per destination
+    port_destinations: tuple[tuple[str, int], ...] | None = None
+    # where the socket-table numbers came from: "bpf_iterator", "sock_diag" or "proc"
     socket_table_source: str | None = None
     # /proc/net/sockstat "tw" vs net.ipv4.tcp_max_tw_buckets
     tcp_time_wait: int | None = None
@@ -361,20 +360,25 @@ def _raw_sockets(mask: int, prefer: str, sport_range: tuple[int, int] | None = N
 
 @dataclass(frozen=True)
 class PortUse:
-    in_use: int
-    busiest_destination: str | None
-    busiest_destination_in_use: int
+    """Local ports of the ephemeral range held by outbound TCP sockets."""
+
+    in_use: int  # distinct local ports
+    # (remote "ip:port", sockets towards it), most first: connect() runs out
+    # per destination, because it can reuse a local port for another one
+    destinations: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def busiest(self) -> tuple[str | None, int]:
+        return self.destinations[0] if self.destinations else (None, 0)
 
 
 def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag") -> tuple[PortUse, str] | None:
-    """Local ports in `port_range` held by outbound TCP sockets, host-wide and
-    for the busiest destination.
+    """Local ports in `port_range` held by outbound TCP sockets, from a dump of
+    the socket table (the agent counts them in the kernel where it can).
 
     "Outbound" = not a listener and not accepted from a local listener: an
     accepted socket's local port is its listener's port, so sockets whose
-    local port is a listening port are left out. Counted per destination
-    (remote ip:port), because connect() can reuse a local port for another
-    destination and only runs out when one destination has used them all.
+    local port is a listening port are left out.
     """
     lo, hi = port_range
     try:
@@ -394,12 +398,11 @@ def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag") -
             dst = dst[12:] + bytes(12)  # same destination as the IPv4 socket's
             fam = socket.AF_INET
         per_destination[(bytes([fam]) + dst, dport)] += 1
-    if not per_destination:
-        return PortUse(0, None, 0), source
-    (key, dport), count = per_destination.most_common(1)[0]
-    addr = _addr_text(key[0], key[1:])
-    shown = f"[{addr}]:{dport}" if ":" in addr else f"{addr}:{dport}"
-    return PortUse(len(used), shown, count), source
+    destinations = []
+    for (key, dport), count in per_destination.most_common():
+        addr = _addr_text(key[0], key[1:])
+        destinations.append((f"[{addr}]:{dport}" if ":" in addr else f"{addr}:{dport}", count))
+    return PortUse(len(used), tuple(destinations)), source
 
 
 _V4_MAPPED = bytes(10) + b"\xff\xff"
@@ -412,16 +415,17 @@ def read_port_range() -> tuple[int, int] | None:
     return (values[0], values[1]) if values and len(values) == 2 else None
 
 
-SOCKET_TABLE_FIELDS = ("ephemeral_ports_in_use", "busiest_destination",
-                       "busiest_destination_ports_in_use", "socket_table_source")
+SOCKET_TABLE_FIELDS = ("ephemeral_ports_in_use", "port_destinations", "socket_table_source")
 
 
-def read_system(with_socket_table: bool = True, previous: SystemLimits | None = None) -> SystemLimits:
+def read_system(with_socket_table: bool = True, previous: SystemLimits | None = None,
+                port_use: Callable[[tuple[int, int]], PortUse | None] | None = None) -> SystemLimits:
     """Read every limit and usage; never raises for a missing or unreadable file.
 
-    with_socket_table=False skips the socket-table walk (the ephemeral-port
-    numbers), the only part whose cost grows with the number of sockets; its
-    numbers are then taken from `previous`, if given.
+    with_socket_table=False skips the ephemeral-port count, the only part
+    whose cost grows with the number of sockets; its numbers are then taken
+    from `previous`, if given. port_use counts them (the agent's BPF
+    iterator); without it, or when it returns None, a socket-table dump does.
     """
     fields: dict = {}
     if not with_socket_table and previous is not None:
@@ -445,12 +449,12 @@ def read_system(with_socket_table: bool = True, previous: SystemLimits | None = 
         fields["ephemeral_port_range"] = port_range
         fields["ephemeral_ports"] = max(hi - lo + 1 - reserved, 0)
         if with_socket_table:
-            found = ephemeral_port_use(port_range)
+            use = port_use(port_range) if port_use else None
+            found = (use, "bpf_iterator") if use is not None else ephemeral_port_use(port_range)
             if found:
                 use, source = found
                 fields["ephemeral_ports_in_use"] = use.in_use
-                fields["busiest_destination"] = use.busiest_destination
-                fields["busiest_destination_ports_in_use"] = use.busiest_destination_in_use
+                fields["port_destinations"] = use.destinations
                 fields["socket_table_source"] = source
 
     sockstat = parse_sockstat(read_text(f"{PROC}/net/sockstat") or "").get("TCP", {})
