@@ -23,8 +23,17 @@ APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool make gcc libc6-dev \
 	prometheus debootstrap lintian dpkg-dev fakeroot debhelper dh-python \
 	python3-setuptools python3-all systemd strace systemd-container
 
+# What tests/kernels/run-in-vm needs to fetch Debian kernels and boot them
+# under QEMU; installed only by the kernel-test targets, so `make run` and
+# `make test` never need an emulator.
+KERNEL_TEST_PACKAGES := qemu-system-x86 busybox-static cpio kmod \
+	debian-archive-keyring
+KERNELS      ?= 5.10 6.1 6.12
+# What `make test-kernels` runs inside each kernel (pytest arguments).
+KERNEL_TESTS ?= tests/kernels/guest_checks.py
+
 .PHONY: run test deps apt venv bpf node dashboards check-dashboards deb \
-	test-packaging bench soak clean
+	test-packaging bench soak clean apt-kernel-tests kernels test-kernels
 
 run: deps
 	$(VENV)/bin/connwatch run $(ARGS)
@@ -39,6 +48,15 @@ apt:
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+apt-kernel-tests:
+	@missing=""; for p in $(KERNEL_TEST_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
@@ -92,6 +110,17 @@ bench: deps
 # (CI runs the same tests for 20 s each).
 soak: deps
 	CONNWATCH_SOAK_SECONDS=600 $(PY) -m pytest tests/test_soak.py $(ARGS)
+
+# Fetch and unpack the Debian kernels the VM tests boot (cached under
+# /var/cache/connwatch/kernels), so a CI run can warm the cache first.
+kernels: apt-kernel-tests
+	for k in $(KERNELS); do tests/kernels/run-in-vm --prepare $$k || exit; done
+
+# The runner's own checks (on the host, booting one VM), then KERNEL_TESTS
+# inside each of the Debian kernels, with a summary table.
+test-kernels: deps kernels
+	$(PY) -m pytest -p no:cacheprovider tests/kernels/vm_runner_checks.py
+	tests/kernels/matrix $(KERNELS) -- $(KERNEL_TESTS)
 
 clean:
 	rm -rf $(BUILD) $(BPF_OBJ) $(VENV) tests/node/node_modules
