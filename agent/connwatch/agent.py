@@ -1,7 +1,9 @@
-"""`connwatch run`: serve first, attach the probes, then keep a snapshot fresh.
+"""`connwatch run`: listen, attach the probes, drop capabilities, serve, keep a snapshot fresh.
 
-The HTTP server starts before anything slow, so a scrape during start-up gets
-an answer (``connwatch_ready 0``) instead of a refused connection.
+The metrics socket listens before anything slow, so a scrape during start-up
+waits in the accept queue instead of being refused; it is answered once the
+server's threads start, after the capability drop (so that every thread has
+the reduced sets), with ``connwatch_ready 0`` until the first snapshot.
 """
 
 from __future__ import annotations
@@ -79,13 +81,13 @@ class Agent:
                         "kernel.bpf_stats_enabled=1 or grant CAP_SYS_ADMIN", e.strerror)
 
     def start(self) -> None:
-        self._serve()
         self.probes = probes_mod.load_and_attach(self.cfg)
         if self.cfg.bpf_stats:
             self._enable_bpf_stats()
         listeners, sockets = self.probes.seed()
         log.info("seeded %d listeners and %d connections that predate the agent", listeners, sockets)
         log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(caps.AFTER_ATTACH)["effective"])) or "none")
+        self._serve()
         reader = SnapshotReader(self.probes, self.cfg)
         self._snapshot = reader.read()
         t = threading.Thread(target=self._refresh_loop, args=(reader,), name="refresh", daemon=True)
@@ -95,7 +97,8 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        self.server.shutdown()
+        if self._threads:  # shutdown() waits for serve_forever(), which never ran if start() failed before
+            self.server.shutdown()
         self.server.server_close()
         if self.probes is not None:
             self.probes.close()  # detaches every program

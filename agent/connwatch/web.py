@@ -38,7 +38,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
-from . import caps
 from .webconfig import WebConfig
 
 log = logging.getLogger("connwatch.web")
@@ -175,7 +174,6 @@ class _HandlerBase(BaseHTTPRequestHandler):
         super().handle()
 
     def handle_one_request(self):
-        caps.sync()  # a keep-alive thread that predates the capability drop
         if not self._first:
             self.deadline = time.monotonic() + KEEPALIVE_TIMEOUT_SECONDS
         self._first = False
@@ -260,9 +258,6 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
-    def service_actions(self):
-        caps.sync()  # the serving thread predates the capability drop
-
     def handle_error(self, request, client_address):
         log.debug("error serving %s", client_address, exc_info=True)
 
@@ -301,7 +296,6 @@ class _Server(ThreadingHTTPServer):
     # ---- accepting -------------------------------------------------------------
 
     def process_request(self, request, client_address):
-        caps.sync()
         self.stats["accepted"] += 1
         if self._slots.acquire(blocking=False) or (
                 self._evict_one() and self._slots.acquire(timeout=0.25)):
@@ -326,7 +320,6 @@ class _Server(ThreadingHTTPServer):
             self._close(request)
 
     def _serve_conn(self, request, client_address, shed: bool):
-        caps.sync()
         conn = self._conns.get(id(request))
         try:
             self._handlers[shed](request, client_address, self)

@@ -38,6 +38,7 @@ DEBIAN_NAMES = {
     "pyyaml": "python3-yaml",
     "bcrypt": "python3-bcrypt",
     "psutil": "python3-psutil",
+    "python-prctl": "python3-prctl",
 }
 
 
