@@ -21,7 +21,7 @@ from .collector import ConnwatchCollector
 from .config import Config
 from .libbpf import LibbpfError, enable_run_time_stats
 from .snapshot import Snapshot, SnapshotReader
-from .web import make_server
+from .web import MetricsServer
 from .webconfig import WebConfig
 
 log = logging.getLogger("connwatch.agent")
@@ -49,7 +49,7 @@ class Agent:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ConnwatchCollector(lambda: self._snapshot, cfg)
         self.registry.register(self.collector)
-        self.server = make_server(listen_address, telemetry_path, self.registry, web_config)
+        self.server = MetricsServer(listen_address, telemetry_path, self.registry, web_config)
         self._threads: list[threading.Thread] = []
         self._stats_fd: int | None = None
 
@@ -58,10 +58,8 @@ class Agent:
         return self._snapshot
 
     def _serve(self) -> None:
-        t = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
-        t.start()
-        self._threads.append(t)
-        host, port = self.server.server_address[:2]
+        self.server.start()
+        host, port = self.server.address
         log.info("serving metrics on %s:%s", host, port)
 
     def _refresh_loop(self, reader: SnapshotReader) -> None:
@@ -97,9 +95,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        if self._threads:  # shutdown() waits for serve_forever(), which never ran if start() failed before
-            self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
         if self.probes is not None:
             self.probes.close()  # detaches every program
             self.probes = None

@@ -38,6 +38,7 @@ DEBIAN_NAMES = {
     "pyyaml": "python3-yaml",
     "bcrypt": "python3-bcrypt",
     "psutil": "python3-psutil",
+    "cheroot": "python3-cheroot",
     "python-prctl": "python3-prctl",
 }
 
