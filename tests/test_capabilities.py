@@ -59,7 +59,7 @@ def test_agent_keeps_exactly_the_keep_set(agent):
         st = _thread_status(pid)
         return st if all(int(s["CapEff"], 16) == keep for s in st.values()) else None
 
-    # the serving thread predates the drop and follows within its poll interval
+    # every thread starts after the drop, so the first look finds them all dropped
     status = wait_for(all_threads_dropped, timeout=5, what="every agent thread to drop its capabilities")
     for tid, s in status.items():
         assert int(s["CapEff"], 16) == keep, (tid, s["CapEff"])

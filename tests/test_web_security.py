@@ -2,7 +2,7 @@
 
 Certificates are made with openssl in the test, password hashes with bcrypt.
 The agent runs with TLS and basic auth; client-certificate mode is tested on
-the same server code (web.make_server) run in-process, to start one agent
+the same server code (web.MetricsServer) run in-process, to start one agent
 instead of two.
 """
 
@@ -263,12 +263,10 @@ def mtls_server(pki, tmp_path_factory):
         "  min_version: TLS13\n")
     registry = CollectorRegistry()
     Gauge("mtls_test_up", "test gauge", registry=registry).set(1)
-    server = web.make_server("127.0.0.1:0", "/metrics", registry, webconfig.load(str(yml)))
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    t.start()
-    yield f"https://127.0.0.1:{server.server_address[1]}/metrics", server.server_address[1]
-    server.shutdown()
-    server.server_close()
+    server = web.MetricsServer("127.0.0.1:0", "/metrics", registry, webconfig.load(str(yml)))
+    server.start()
+    yield f"https://127.0.0.1:{server.address[1]}/metrics", server.address[1]
+    server.stop()
 
 
 def test_client_cert_accepted(mtls_server, pki):
@@ -326,9 +324,9 @@ def test_rotated_certificate_is_picked_up_without_restart(pki, tmp_path, caplog)
         shutil.copy(pki / src, tmp_path / dst)
     (tmp_path / "web.yml").write_text("tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n")
     registry = CollectorRegistry()
-    server = web.make_server("127.0.0.1:0", "/metrics", registry, webconfig.load(str(tmp_path / "web.yml")))
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True).start()
-    port = server.server_address[1]
+    server = web.MetricsServer("127.0.0.1:0", "/metrics", registry, webconfig.load(str(tmp_path / "web.yml")))
+    server.start()
+    port = server.address[1]
     try:
         first = _serial(port, pki / "ca.crt")
         for src, dst in (("server2.key", "tls.key"), ("server2.crt", "tls.crt")):
@@ -342,5 +340,4 @@ def test_rotated_certificate_is_picked_up_without_restart(pki, tmp_path, caplog)
                  what="the broken files to be tried")
         assert _serial(port, pki / "ca.crt") == second  # still serving the last good pair
     finally:
-        server.shutdown()
-        server.server_close()
+        server.stop()

@@ -1,7 +1,9 @@
-"""`connwatch run`: serve first, attach the probes, then keep a snapshot fresh.
+"""`connwatch run`: listen, attach the probes, drop capabilities, serve, keep a snapshot fresh.
 
-The HTTP server starts before anything slow, so a scrape during start-up gets
-an answer (``connwatch_ready 0``) instead of a refused connection.
+The metrics socket listens before anything slow, so a scrape during start-up
+waits in the accept queue instead of being refused; it is answered once the
+server's threads start, after the capability drop (so that every thread has
+the reduced sets), with ``connwatch_ready 0`` until the first snapshot.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from .collector import ConnwatchCollector
 from .config import Config
 from .libbpf import LibbpfError, enable_run_time_stats
 from .snapshot import Snapshot, SnapshotReader
-from .web import make_server
+from .web import MetricsServer
 from .webconfig import WebConfig
 
 log = logging.getLogger("connwatch.agent")
@@ -48,7 +50,7 @@ class Agent:
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = ConnwatchCollector(lambda: self._snapshot, cfg)
         self.registry.register(self.collector)
-        self.server = make_server(listen_address, telemetry_path, self.registry, web_config)
+        self.server = MetricsServer(listen_address, telemetry_path, self.registry, web_config)
         self._threads: list[threading.Thread] = []
         self._stats_fd: int | None = None
         self._arming: Arming | None = None
@@ -58,10 +60,8 @@ class Agent:
         return self._snapshot
 
     def _serve(self) -> None:
-        t = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
-        t.start()
-        self._threads.append(t)
-        host, port = self.server.server_address[:2]
+        self.server.start()
+        host, port = self.server.address
         log.info("serving metrics on %s:%s", host, port)
 
     def _refresh_loop(self, reader: SnapshotReader) -> None:
@@ -83,7 +83,6 @@ class Agent:
                         "kernel.bpf_stats_enabled=1 or grant CAP_SYS_ADMIN", e.strerror)
 
     def start(self) -> None:
-        self._serve()
         self.probes = probes_mod.load_and_attach(self.cfg)
         if self.cfg.bpf_stats:
             self._enable_bpf_stats()
@@ -95,6 +94,7 @@ class Agent:
             # call (map reads, running iterators) needs CAP_BPF, not only loading
             keep = keep | {"CAP_BPF"}
         log.info("capabilities after attach: %s", ", ".join(sorted(caps.drop_all_but(keep)["effective"])) or "none")
+        self._serve()
         if self.probes.syscall_hook is not None and self.cfg.syscall_tracing == "on_demand":
             self._arming = Arming(self.probes, self.cfg.arm_ratio)
             self._arming.start()
@@ -107,8 +107,7 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.server.stop()
         if self._arming is not None:
             self._arming.stop()
             self._arming = None

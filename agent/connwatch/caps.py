@@ -1,14 +1,9 @@
-"""Linux capabilities: read them and drop all but a few, with capget/capset(2).
-
-A tiny ctypes wrapper over the capability v3 ABI (two 32-bit words per set),
-prctl(PR_CAPBSET_DROP) for the bounding set and PR_CAP_AMBIENT_CLEAR_ALL for
-the ambient set. No libcap needed.
+"""Linux capabilities: read them, and drop all but a few (python3-prctl).
 
 Capabilities belong to a *thread*, not a process: capset(2) and
-PR_CAPBSET_DROP change only the calling thread. Threads created after a drop
-inherit the reduced sets; threads that already exist keep theirs until they
-call :func:`sync` (the metrics server's loop and request threads do, see
-web.py). :func:`threads_not_dropped` lists the stragglers.
+PR_CAPBSET_DROP change only the calling thread, and a thread inherits its
+creator's sets. The agent drops them before it starts any thread
+(agent.py), so every thread it runs has the reduced sets.
 
 The keep-set after attach, :data:`AFTER_ATTACH`, was chosen by measurement on
 kernel 6.18 (docs/reliability.md, "Capabilities after attach";
@@ -38,10 +33,9 @@ anything in it from being regained through execve.
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import os
-import threading
+
+import prctl
 
 NAMES = (
     "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
@@ -56,61 +50,14 @@ NAMES = (
 )
 NUMBERS = {name: i for i, name in enumerate(NAMES)}
 
-# What the agent needs to load and attach its BPF programs (before the drop).
-FOR_ATTACH = frozenset({"CAP_BPF", "CAP_PERFMON", "CAP_SYS_ADMIN", "CAP_SYS_RESOURCE", "CAP_NET_ADMIN"})
-# What it keeps once attached; see the module docstring for why each one.
+# What the agent keeps once attached; see the module docstring for why each one.
 AFTER_ATTACH = frozenset({"CAP_DAC_READ_SEARCH"})
 
-SETS = ("effective", "permitted", "inheritable", "bounding", "ambient")
-
-_LINUX_CAPABILITY_VERSION_3 = 0x20080522
-PR_CAPBSET_READ = 23
-PR_CAPBSET_DROP = 24
-PR_SET_NO_NEW_PRIVS = 38
-PR_CAP_AMBIENT = 47
-PR_CAP_AMBIENT_IS_SET = 1
-PR_CAP_AMBIENT_CLEAR_ALL = 4
-
-
-class _Header(ctypes.Structure):
-    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
-
-
-class _Data(ctypes.Structure):
-    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
-                ("inheritable", ctypes.c_uint32)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_capget = _libc.capget
-_capget.argtypes = [ctypes.POINTER(_Header), ctypes.POINTER(_Data)]
-_capget.restype = ctypes.c_int
-_capset = _libc.capset
-_capset.argtypes = [ctypes.POINTER(_Header), ctypes.POINTER(_Data)]
-_capset.restype = ctypes.c_int
-_prctl = _libc.prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
-
-# the keep-set other threads converge to with sync(); None until a drop
-_target: frozenset[str] | None = None
-_target_lock = threading.Lock()
-_synced = threading.local()
-
-
-def _errcheck(ret: int, what: str) -> int:
-    if ret < 0:
-        err = ctypes.get_errno() or errno.EPERM
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return ret
-
-
-def last_cap() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return len(NAMES) - 1
+# the lines of /proc/<pid>/task/<tid>/status that hold the sets
+_STATUS_SETS = {"CapInh": "inheritable", "CapPrm": "permitted", "CapEff": "effective",
+                "CapBnd": "bounding", "CapAmb": "ambient"}
+# capability numbers python-prctl knows (it refuses others)
+_ALL = range(prctl.CAP_LAST_CAP + 1)
 
 
 def _name(n: int) -> str:
@@ -129,67 +76,28 @@ def _numbers(names) -> set[int]:
     return out
 
 
-def _mask_to_names(words: tuple[int, int]) -> set[str]:
-    mask = words[0] | (words[1] << 32)
-    return {_name(i) for i in range(64) if mask >> i & 1}
-
-
-def _get() -> tuple[_Header, ctypes.Array]:
-    hdr = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    data = (_Data * 2)()
-    _errcheck(_capget(ctypes.byref(hdr), data), "capget")
-    return hdr, data
-
-
 def current() -> dict[str, set[str]]:
-    """The calling thread's capability sets, by name."""
-    _, d = _get()
-    top = last_cap()
-    bounding = {_name(i) for i in range(top + 1) if _prctl(PR_CAPBSET_READ, i, 0, 0, 0) == 1}
-    ambient = {_name(i) for i in range(top + 1)
-               if _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, i, 0, 0) == 1}
-    return {
-        "effective": _mask_to_names((d[0].effective, d[1].effective)),
-        "permitted": _mask_to_names((d[0].permitted, d[1].permitted)),
-        "inheritable": _mask_to_names((d[0].inheritable, d[1].inheritable)),
-        "bounding": bounding,
-        "ambient": ambient,
-    }
+    """The calling thread's five capability sets, by name, as the kernel reports them."""
+    out = {}
+    with open("/proc/thread-self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in _STATUS_SETS:
+                mask = int(value, 16)
+                out[_STATUS_SETS[key]] = {_name(i) for i in range(64) if mask >> i & 1}
+    return out
 
 
-def _drop_this_thread(keep_nums: set[int]) -> None:
-    hdr, d = _get()
-    permitted = (d[0].permitted | d[1].permitted << 32)
-    keep_mask = sum(1 << n for n in keep_nums) & permitted  # capset can only lower
-    # 1. ambient: must go first (ambient ⊆ permitted ∩ inheritable at all times)
-    if _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0:
-        err = ctypes.get_errno()
-        if err != errno.EINVAL:  # EINVAL: kernel without ambient capabilities
-            raise OSError(err, f"prctl(PR_CAP_AMBIENT_CLEAR_ALL): {os.strerror(err)}")
-    # 2. bounding set: needs CAP_SETPCAP in the effective set, so before capset;
-    #    without it the bounding set stays as the service manager made it
-    effective = (d[0].effective | d[1].effective << 32)
-    if effective >> NUMBERS["CAP_SETPCAP"] & 1:
-        for n in range(last_cap() + 1):
-            if n in keep_nums or _prctl(PR_CAPBSET_READ, n, 0, 0, 0) != 1:
-                continue
-            _errcheck(_prctl(PR_CAPBSET_DROP, n, 0, 0, 0), f"prctl(PR_CAPBSET_DROP, {_name(n)})")
-    # 3. effective = permitted = keep, inheritable = none
-    new = (_Data * 2)()
-    for i in range(2):
-        word = (keep_mask >> (32 * i)) & 0xFFFFFFFF
-        new[i].effective = new[i].permitted = word
-        new[i].inheritable = 0
-    hdr = _Header(_LINUX_CAPABILITY_VERSION_3, 0)
-    _errcheck(_capset(ctypes.byref(hdr), new), "capset")
-    # 4. no execve can ever give privileges back (setuid binaries, file caps)
-    _errcheck(_prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+def _kernel_last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
 
 
 def drop_thread_capabilities() -> None:
-    """Drop every capability of the calling thread only (a throw-away thread
-    that tests what works without them)."""
-    _drop_this_thread(set())
+    """Drop every capability of the calling thread only: for a throw-away
+    thread that tests what works without them (capset(2) changes the calling
+    thread alone)."""
+    prctl.set_caps((list(_ALL), (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE), False))
 
 
 def drop_all_but(keep) -> dict[str, set[str]]:
@@ -198,59 +106,31 @@ def drop_all_but(keep) -> dict[str, set[str]]:
     Effective and permitted become ``keep`` (those of them the thread has),
     inheritable and ambient become empty, the bounding set becomes ``keep``
     (if the thread has CAP_SETPCAP; else it is left alone), and no_new_privs
-    is set. Other existing threads follow when they call
-    :func:`sync`. Returns the new sets. Raises OSError if the kernel refuses.
+    is set. Threads created afterwards inherit all of it. Returns the new
+    sets. Raises OSError if the kernel refuses.
     """
-    global _target
-    keep = frozenset(_name(n) for n in _numbers(keep))
-    with _target_lock:
-        _target = keep
-    _drop_this_thread(_numbers(keep))
-    _synced.target = keep
-    return current()
-
-
-def sync() -> bool:
-    """Apply a pending drop to the calling thread; True if it did.
-
-    Idempotent and cheap (a few dozen prctl calls, once per thread). Threads
-    started before the drop call it from their loop or at their start.
-    """
-    target = _target
-    if target is None or getattr(_synced, "target", None) is target:
-        return False
-    _drop_this_thread(_numbers(target))
-    _synced.target = target
-    return True
-
-
-def _status_sets(path: str) -> dict[str, set[str]]:
-    keys = {"CapEff": "effective", "CapPrm": "permitted", "CapInh": "inheritable",
-            "CapBnd": "bounding", "CapAmb": "ambient"}
-    out: dict[str, set[str]] = {}
-    with open(path) as f:
-        for line in f:
-            k, _, v = line.partition(":")
-            if k in keys:
-                mask = int(v.strip(), 16)
-                out[keys[k]] = {_name(i) for i in range(64) if mask >> i & 1}
-    return out
-
-
-def process_sets(pid: int | str = "self") -> dict[int, dict[str, set[str]]]:
-    """tid -> capability sets, for every thread of a process (from /proc)."""
-    out = {}
-    base = f"/proc/{pid}/task"
-    for tid in os.listdir(base):
-        try:
-            out[int(tid)] = _status_sets(f"{base}/{tid}/status")
-        except OSError:
-            continue  # the thread exited
-    return out
-
-
-def threads_not_dropped(pid: int | str = "self") -> list[int]:
-    """Threads whose effective/permitted/bounding sets still exceed the target."""
-    target = _target if _target is not None else frozenset()
-    return [tid for tid, s in process_sets(pid).items()
-            if not (s["effective"] <= target and s["permitted"] <= target and s["bounding"] <= target)]
+    keep_nums = _numbers(keep)
+    permitted = current()["permitted"]
+    held = {n for n in keep_nums if _name(n) in permitted}
+    # 1. the bounding set: dropping from it needs CAP_SETPCAP in the effective
+    #    set, so before the capset below; without it the bounding set stays as
+    #    the service manager made it
+    if prctl.cap_effective.setpcap:
+        for n in range(min(_kernel_last_cap(), prctl.CAP_LAST_CAP) + 1):
+            if n not in keep_nums and prctl.capbset_read(n):
+                prctl.capbset_drop(n)
+    # 2. effective = permitted = keep, inheritable = none, in one capset(2).
+    #    python-prctl has no call for the ambient set, and needs none: the
+    #    kernel keeps only what is both permitted and inheritable in it
+    #    (capabilities(7)), so it is empty from here on.
+    flags = (prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE)
+    prctl.set_caps(([n for n in _ALL if n not in keep_nums], flags, False),
+                   (keep_nums, prctl.CAP_INHERITABLE, False),
+                   (held, prctl.CAP_EFFECTIVE, True))
+    # 3. no execve can ever give privileges back (setuid binaries, file caps)
+    prctl.set_no_new_privs(1)
+    sets = current()
+    left = (sets["effective"] | sets["permitted"]) - {_name(n) for n in keep_nums}
+    if left:  # a capability newer than python-prctl, which cannot name it
+        raise OSError(errno.EPERM, f"cannot drop {', '.join(sorted(left))}")
+    return sets

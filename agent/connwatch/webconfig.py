@@ -17,27 +17,21 @@ Every key is checked like the main config: unknown keys, wrong types and
 unsupported values are errors naming the key (exit 2), never ignored.
 Relative file paths are relative to the web config file's directory.
 
-Passwords are checked with bcrypt; each verified Authorization header is
-cached (by its SHA-256) so a 15 s scrape interval does not pay bcrypt's cost
-each time, and at most two bcrypt checks run at once so wrong-password
-floods cannot take every CPU.
+`parse` returns a frozen `WebConfig`. What changes while the agent runs (the
+TLS context rebuilt when certificates rotate, the cache of verified
+passwords) belongs to the server, web.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
 import logging
 import os
 import re
 import ssl
-import threading
-import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
-import bcrypt
 import yaml
 
 from .config import ConfigError, read_text, safe_load, yaml_error
@@ -63,107 +57,56 @@ _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 # headers the server sets itself; configuring them would break responses
 _RESERVED_HEADERS = {"content-length", "content-type", "connection", "transfer-encoding",
                      "www-authenticate", "date", "server"}
-BCRYPT_CONCURRENCY = 2
-# certificate files are checked for changes at most this often (rotation)
-TLS_RELOAD_CHECK_SECONDS = 1.0
 
 
-@dataclass
-class WebConfig:
-    ssl_context: ssl.SSLContext | None = None
-    users: dict[str, bytes] = field(default_factory=dict)
-    headers: dict[str, str] = field(default_factory=dict)
-    _verified: dict[bytes, str] = field(default_factory=dict)
-    _dummy: bytes | None = None
-    _tls_build: Callable[[], ssl.SSLContext] | None = None
-    _tls_files: tuple[str, ...] = ()
-    _tls_stamp: tuple = ()
-    _tls_checked: float = 0.0
+@dataclass(frozen=True)
+class TLSConfig:
+    """`tls_server_config`, checked; file paths are absolute."""
 
-    def current_ssl_context(self) -> ssl.SSLContext | None:
-        """The TLS context, rebuilt when a certificate, key or CA file changed.
+    cert_file: str
+    key_file: str
+    client_ca_file: str | None
+    verify_mode: ssl.VerifyMode
+    min_version: ssl.TLSVersion
+    max_version: ssl.TLSVersion | None
 
-        Rotated certificates (cert-manager, a Kubernetes secret volume, a
-        renew hook) are picked up by new connections without a restart. A
-        new set of files that does not load (say the cert was replaced but
-        not yet its key) is logged and the previous context kept until the
-        files change again.
-        """
-        if self.ssl_context is None or self._tls_build is None:
-            return self.ssl_context
-        now = time.monotonic()
-        if now - self._tls_checked < TLS_RELOAD_CHECK_SECONDS:
-            return self.ssl_context
-        with self._lock:
-            if now - self._tls_checked < TLS_RELOAD_CHECK_SECONDS:
-                return self.ssl_context
-            self._tls_checked = now
-            stamp = _stamp(self._tls_files)
-            if stamp != self._tls_stamp:
-                self._tls_stamp = stamp
-                try:
-                    self.ssl_context = self._tls_build()
-                    log.info("TLS files changed: reloaded %s", ", ".join(self._tls_files))
-                except ConfigError as e:
-                    log.warning("TLS files changed but do not load, keeping the previous ones: %s", e)
-        return self.ssl_context
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _bcrypt_slots: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(BCRYPT_CONCURRENCY))
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The files a new context is built from: when one changes, the certificates rotated."""
+        return tuple(f for f in (self.cert_file, self.key_file, self.client_ca_file) if f)
 
-    def _dummy_hash(self) -> bytes:
-        """A hash as costly as the configured ones, for unknown user names."""
-        if self._dummy is None:
-            cost = max(int(h[4:6]) for h in self.users.values())
-            self._dummy = bcrypt.hashpw(os.urandom(16).hex().encode(), bcrypt.gensalt(rounds=cost))
-        return self._dummy
-
-    def check_basic_auth(self, header: str | None) -> bool:
-        if not self.users:
-            return True
-        if not header or not header.startswith("Basic ") or len(header) > 4096:
-            return False
-        digest = hashlib.sha256(header.encode(errors="replace")).digest()
-        with self._lock:
-            if digest in self._verified:
-                return True
+    def context(self) -> ssl.SSLContext:
+        """A server context from the files as they are now; ConfigError if they do not load."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = self.min_version
+        if self.max_version is not None:
+            ctx.maximum_version = self.max_version
         try:
-            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError, ValueError):
-            return False
-        if not sep:
-            return False
-        hashed = self.users.get(user)
-        # compare against a dummy hash for unknown users: no user-enumeration timing
-        with self._bcrypt_slots:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+        except FileNotFoundError as e:
+            raise ConfigError(f"tls_server_config: cert_file/key_file {e.filename or self.cert_file}: "
+                              "no such file") from None
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"tls_server_config: cannot load cert_file {self.cert_file} / "
+                              f"key_file {self.key_file}: {_reason(e)}") from None
+        ctx.verify_mode = self.verify_mode
+        if self.client_ca_file:
             try:
-                ok = bcrypt.checkpw(password.encode(), hashed or self._dummy_hash()) and hashed is not None
-            except ValueError:  # NUL bytes in the password and the like
-                ok = False
-        if ok:
-            with self._lock:
-                if len(self._verified) > 1024:
-                    self._verified.clear()
-                self._verified[digest] = user
-        return ok
+                ctx.load_verify_locations(self.client_ca_file)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError(f"tls_server_config.client_ca_file {self.client_ca_file}: {_reason(e)}") from None
+        return ctx
 
 
+@dataclass(frozen=True)
+class WebConfig:
+    tls: TLSConfig | None = None
+    users: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))  # name -> bcrypt hash
+    headers: tuple[tuple[str, str], ...] = ()  # added to every response
 
 
-def _stamp(paths: tuple[str, ...]) -> tuple:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
-def _tls_files(tls: dict, base: str) -> tuple[str, ...]:
-    path = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
-    return tuple(path(tls[k]) for k in ("cert_file", "key_file", "client_ca_file") if tls.get(k))
+def _reason(e: Exception) -> str:
+    return getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
 
 
 def _str(tls: dict, key: str, required: bool = False) -> str | None:
@@ -186,13 +129,13 @@ def _version(tls: dict, key: str, default: str | None) -> ssl.TLSVersion | None:
     return _VERSIONS[value]
 
 
-def _tls_context(tls, base: str) -> ssl.SSLContext:
+def _tls(tls, base: str) -> TLSConfig:
     if not isinstance(tls, dict):
         raise ConfigError(f"tls_server_config: expected a mapping, got {type(tls).__name__}")
     unknown = sorted((k for k in tls if k not in _TLS_KEYS), key=str)
     if unknown:
         raise ConfigError(f"tls_server_config: unknown key {unknown[0]} (known: {', '.join(sorted(_TLS_KEYS))})")
-    path = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
+    path = lambda p: p if p is None or os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
     cert, key = _str(tls, "cert_file", True), _str(tls, "key_file", True)
     ca = _str(tls, "client_ca_file")
     mode = tls.get("client_auth_type", "NoClientCert")
@@ -211,35 +154,18 @@ def _tls_context(tls, base: str) -> ssl.SSLContext:
                 raise ConfigError(f"tls_server_config.{key_name}: expected a {want.__name__}")
             log.warning("tls_server_config.%s is accepted for compatibility and ignored: "
                         "OpenSSL's defaults apply", key_name)
-
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = _version(tls, "min_version", "TLS12")
+    min_version = _version(tls, "min_version", "TLS12")
     max_version = _version(tls, "max_version", None)
-    if max_version is not None:
-        if max_version < ctx.minimum_version:
-            raise ConfigError("tls_server_config.max_version: lower than min_version")
-        ctx.maximum_version = max_version
-    try:
-        ctx.load_cert_chain(path(cert), path(key))
-    except FileNotFoundError as e:
-        raise ConfigError(f"tls_server_config: cert_file/key_file {e.filename or path(cert)}: "
-                          "no such file") from None
-    except (OSError, ssl.SSLError) as e:
-        reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"tls_server_config: cannot load cert_file {cert} / key_file {key}: {reason}") from None
-    ctx.verify_mode = verify_mode
-    if ca:
-        try:
-            ctx.load_verify_locations(path(ca))
-        except (OSError, ssl.SSLError) as e:
-            reason = getattr(e, "reason", None) or getattr(e, "strerror", None) or str(e)
-            raise ConfigError(f"tls_server_config.client_ca_file {ca}: {reason}") from None
-    return ctx
+    if max_version is not None and max_version < min_version:
+        raise ConfigError("tls_server_config.max_version: lower than min_version")
+    config = TLSConfig(path(cert), path(key), path(ca), verify_mode, min_version, max_version)
+    config.context()  # the files must load now: an error at start, not a failed first handshake
+    return config
 
 
-def _users(users) -> dict[str, bytes]:
+def _users(users) -> Mapping[str, bytes]:
     if users is None:
-        return {}
+        return MappingProxyType({})
     if not isinstance(users, dict):
         raise ConfigError("basic_auth_users: expected a mapping of user: bcrypt hash")
     out = {}
@@ -250,12 +176,12 @@ def _users(users) -> dict[str, bytes]:
             raise ConfigError(f"basic_auth_users.{user}: not a bcrypt hash "
                               "(expected $2y$10$ and 53 characters; make one with `htpasswd -nBC 10 \"\" | tr -d ':'`)")
         out[user] = hashed.encode()
-    return out
+    return MappingProxyType(out)
 
 
-def _http_server_config(http) -> dict[str, str]:
+def _http_server_config(http) -> tuple[tuple[str, str], ...]:
     if http is None:
-        return {}
+        return ()
     if not isinstance(http, dict):
         raise ConfigError("http_server_config: expected a mapping")
     unknown = sorted((k for k in http if k not in ("http2", "headers")), key=str)
@@ -266,14 +192,14 @@ def _http_server_config(http) -> dict[str, str]:
     headers = http.get("headers") or {}
     if not isinstance(headers, dict):
         raise ConfigError("http_server_config.headers: expected a mapping of header: value")
-    out = {}
+    out = []
     for name, value in headers.items():
         if not isinstance(name, str) or not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
             raise ConfigError(f"http_server_config.headers: {name!r} is not a header connwatch can set")
         if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
             raise ConfigError(f"http_server_config.headers.{name}: expected a one-line string")
-        out[name] = value
-    return out
+        out.append((name, value))
+    return tuple(out)
 
 
 def parse(text: str, source: str, base: str = ".") -> WebConfig:
@@ -289,20 +215,12 @@ def parse(text: str, source: str, base: str = ".") -> WebConfig:
     unknown = sorted((k for k in data if k not in known), key=str)
     if unknown:
         raise ConfigError(f"web config file {source}: unknown key {unknown[0]} (known: {', '.join(known)})")
-    wc = WebConfig()
     try:
-        if data.get("tls_server_config") is not None:
-            tls = data["tls_server_config"]
-            wc.ssl_context = _tls_context(tls, base)
-            wc._tls_files = _tls_files(tls, base)
-            wc._tls_stamp = _stamp(wc._tls_files)
-            wc._tls_checked = time.monotonic()
-            wc._tls_build = lambda: _tls_context(tls, base)
-        wc.users = _users(data.get("basic_auth_users"))
-        wc.headers = _http_server_config(data.get("http_server_config"))
+        tls = _tls(data["tls_server_config"], base) if data.get("tls_server_config") is not None else None
+        wc = WebConfig(tls, _users(data.get("basic_auth_users")), _http_server_config(data.get("http_server_config")))
     except ConfigError as e:
         raise ConfigError(f"web config file {source}: {e}") from None
-    if wc.users and wc.ssl_context is None:
+    if wc.users and wc.tls is None:
         log.warning("basic auth without TLS: passwords cross the network in clear text")
     return wc
 

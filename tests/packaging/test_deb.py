@@ -37,7 +37,8 @@ DEBIAN_NAMES = {
     "prometheus-client": "python3-prometheus-client",
     "pyyaml": "python3-yaml",
     "bcrypt": "python3-bcrypt",
-    "psutil": "python3-psutil",
+    "cheroot": "python3-cheroot",
+    "python-prctl": "python3-prctl",
 }
 
 
