@@ -11,16 +11,18 @@ the kernel is faked.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import json
 import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 
+from conftest import wait_for
 from connwatch import procinfo
 from connwatch.identity import HOST, Identity, from_cgroup_path, from_proc_cgroup, identity
 
@@ -144,6 +146,21 @@ SHAPES = [
           pod("1ff47ee6-9685-4726-ac6f-0ff070c452d6")),
     # a 32-hex name outside kubepods is no pod (this machine's own memory cgroup)
     Shape("32 hex outside kubepods", "/process_api/c5fdb1528152c1db1267e0ed2641b6ec", HOST),
+    # kubelet on cgroup v2: every container (the DaemonSet's too) has a cgroup
+    # namespace of its own, so other pods' paths climb out of it with ".." and
+    # the cgroupfs driver's "kubepods" is out of sight (cgroup_namespaces(7);
+    # produced for real by test_identity_read_from_another_pods_cgroup_namespace)
+    Shape("cgroupfs driver, read from another pod's cgroup namespace",
+          "/../../../burstable/pod1ff47ee6-9685-4726-ac6f-0ff070c452d6/"
+          "902093a5baef883ae52ad163ff157a2bc5d579d446d044735aa6c6a7de274a7e",
+          pod("1ff47ee6-9685-4726-ac6f-0ff070c452d6",
+              "902093a5baef883ae52ad163ff157a2bc5d579d446d044735aa6c6a7de274a7e")),
+    Shape("systemd driver, read from another pod's cgroup namespace",
+          "/../../../kubepods-burstable.slice/kubepods-burstable-pod55c6c714_b240_4dec_9a45_57b61696ab6e.slice/"
+          "cri-containerd-2032491dcae31e6746f47daa0ac74564f2843a1bd847c5e6c4eb501ca132ac36.scope",
+          pod("55c6c714-b240-4dec-9a45-57b61696ab6e",
+              "2032491dcae31e6746f47daa0ac74564f2843a1bd847c5e6c4eb501ca132ac36")),
+    Shape("host service read from a pod's cgroup namespace", "/../../../../system.slice/ssh.service", HOST),
     # -- Docker
     # moby/moby#33352 and ctrsploit/ctrsploit#280 (cgroupfs driver)
     Shape("Docker, cgroupfs driver",
@@ -308,33 +325,101 @@ def cgroup2_root() -> Path:
     return found[0][0]
 
 
-@contextlib.contextmanager
-def process_in_cgroup(hierarchy: Path, path: str):
-    """A `sleep` moved into <hierarchy>/cwtest-identity-…/<path>: every cgroup
-    on the way is created for it, and removed (the process killed first) after."""
-    top = hierarchy / f"cwtest-identity-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    leaf = top.joinpath(*[p for p in path.split("/") if p])
-    created = [leaf, *[p for p in leaf.parents if p == top or top in p.parents]]
-    proc = subprocess.Popen(["sleep", "300"])
-    try:
-        leaf.mkdir(parents=True)
-        (leaf / "cgroup.procs").write_text(f"{proc.pid}\n")
-        yield proc.pid, "/" + str(leaf.relative_to(hierarchy))
-    finally:
-        proc.kill()
-        proc.wait()
-        for d in created:  # deepest first; an empty cgroup is removed with rmdir
-            if d.is_dir():
-                d.rmdir()
+class CgroupSandbox:
+    """Cgroups created below a throwaway parent <hierarchy>/cwtest-identity-…,
+    with real processes moved into them. close() kills the processes and
+    removes every cgroup it created, deepest first."""
+
+    def __init__(self, hierarchy: Path):
+        self.hierarchy = hierarchy
+        self.top = hierarchy / f"cwtest-identity-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._dirs: set[Path] = set()
+        self._procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> CgroupSandbox:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def mkdir(self, path: str) -> Path:
+        leaf = self.top.joinpath(*[p for p in path.split("/") if p])
+        assert leaf == self.top or self.top in leaf.parents, path
+        for d in [*reversed(leaf.parents), leaf]:
+            if d == self.top or self.top in d.parents:
+                if not d.is_dir():
+                    d.mkdir()
+                    self._dirs.add(d)
+        return leaf
+
+    def proc_path(self, path: str) -> str:
+        """path as /proc/<pid>/cgroup shows it to a reader at the hierarchy's root."""
+        return "/" + str(self.mkdir(path).relative_to(self.hierarchy))
+
+    def spawn(self, argv: list[str], path: str, **kw) -> subprocess.Popen:
+        """argv started in the cgroup path (it moves itself there before exec)."""
+        leaf = self.mkdir(path)
+        p = subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(leaf), *argv], **kw)
+        self._procs.append(p)
+        return p
+
+    def sleeper(self, path: str) -> int:
+        p = self.spawn(["sleep", "300"], path)
+        leaf = self.mkdir(path)
+        wait_for(lambda: str(p.pid) in (leaf / "cgroup.procs").read_text().split(), what=f"{p.pid} in {path}")
+        return p.pid
+
+    def close(self) -> None:
+        for p in self._procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for d in sorted(self._dirs, key=lambda d: len(d.parts), reverse=True):
+            d.rmdir()  # empty now: an empty cgroup is removed with rmdir
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if "/../" not in s.path], ids=str)
 def test_identity_of_a_process_in_a_real_cgroup(shape: Shape):
-    with process_in_cgroup(cgroup2_root(), shape.path) as (pid, full_path):
+    with CgroupSandbox(cgroup2_root()) as cg:
+        pid = cg.sleeper(shape.path)
         # the kernel reports the path with the test's parent in front of it
-        assert f"0::{full_path}\n" in Path(f"/proc/{pid}/cgroup").read_text()
+        assert f"0::{cg.proc_path(shape.path)}\n" in Path(f"/proc/{pid}/cgroup").read_text()
         assert identity(pid) == shape.expected
         assert procinfo.container_id(pid) == shape.expected.container
+
+
+READER = """
+import dataclasses, json, sys
+from connwatch.identity import identity
+pid = int(sys.argv[1])
+print(json.dumps({"cgroup": open(f"/proc/{pid}/cgroup").read(),
+                  "identity": dataclasses.asdict(identity(pid))}))
+"""
+
+
+@pytest.mark.parametrize("agent_path,shape", [
+    ("/kubepods/besteffort/pod2ca4a155-3599-498d-bb9d-4446693fa3ea/"
+     "358607a37e7ada357032e7f5729c9ae6a3efdb7962acbcbe47ff6a3c5506cb1c",
+     next(s for s in SHAPES if s.what == "cgroupfs driver, burstable")),
+    ("/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod2ca4a155_3599_498d_bb9d_4446693fa3ea.slice/"
+     "cri-containerd-358607a37e7ada357032e7f5729c9ae6a3efdb7962acbcbe47ff6a3c5506cb1c.scope",
+     next(s for s in SHAPES if s.what == "containerd, systemd driver, burstable")),
+], ids=["cgroupfs", "systemd"])
+def test_identity_read_from_another_pods_cgroup_namespace(agent_path: str, shape: Shape):
+    """The DaemonSet on cgroup v2: the agent reads /proc/<pid>/cgroup from a
+    cgroup namespace rooted at its own container's cgroup, so another pod's
+    path starts with ".." (and, with the cgroupfs driver, hides "kubepods")."""
+    with CgroupSandbox(cgroup2_root()) as cg:
+        pid = cg.sleeper(shape.path)
+        reader = cg.spawn(["unshare", "--cgroup", sys.executable, "-c", READER, str(pid)], agent_path,
+                          stdout=subprocess.PIPE, text=True)
+        seen = json.loads(reader.communicate(timeout=30)[0])
+        assert reader.returncode == 0
+        v2 = next(ln for ln in seen["cgroup"].splitlines() if ln.startswith("0::"))
+        assert v2.startswith("0::/../../"), v2
+        if "kubepods/" in agent_path:
+            assert "kubepods" not in v2, v2
+        assert Identity(**seen["identity"]) == shape.expected
 
 
 @pytest.mark.parametrize("shape", [s for s in SHAPES if s.what in {
@@ -347,9 +432,10 @@ def test_identity_from_a_real_cgroup_v1_hierarchy(shape: Shape):
         pytest.skip("no cgroup v1 pids hierarchy on this host (pure cgroup v2)")
     if from_proc_cgroup(Path("/proc/self/cgroup").read_text()) != HOST:
         pytest.skip("the test itself runs in a container: its v2 line would decide")
-    with process_in_cgroup(v1[0], shape.path) as (pid, full_path):
+    with CgroupSandbox(v1[0]) as cg:
+        pid = cg.sleeper(shape.path)
         text = Path(f"/proc/{pid}/cgroup").read_text()
-        assert re.search(rf"^\d+:pids:{re.escape(full_path)}$", text, re.M), text
+        assert re.search(rf"^\d+:pids:{re.escape(cg.proc_path(shape.path))}$", text, re.M), text
         assert identity(pid) == shape.expected
 
 

@@ -8,10 +8,12 @@ pod identity") lists every recognised shape with an example path; the
 decoder is pure and tests/test_identity.py runs it over that table, on
 strings and on real cgroups.
 
-A cgroup path is read relative to the reader's cgroup namespace, and may sit
+A cgroup path is read relative to the reader's cgroup namespace: it may sit
 below anything (a nested runtime, a kind node's container, a test's parent
-cgroup), so the shapes are looked for in every component and the innermost
-wins: a pod component starts a new identity (the pod, no container yet), a
+cgroup), and for a process outside the reader's namespace it climbs out with
+".." (a DaemonSet pod on cgroup v2 has a namespace of its own, so every other
+pod looks like /../../../burstable/pod<uid>/<id> to it). So the shapes are
+looked for in every component and the innermost wins: a pod component starts a new identity (the pod, no container yet), a
 container component below it names the container. Helpers that share a pod's
 cgroup but are not the container (CRI-O's and podman's conmon, nspawn's
 supervisor, LXC's monitor) match nothing and leave the identity as it was.
@@ -51,6 +53,7 @@ _STATIC_POD_HASH = "[0-9a-f]{32}"
 # (kubelet-kubepods-burstable-pod<uid>.slice)
 _POD_SLICE = re.compile(rf"(?:.+-)?kubepods(?:-burstable|-besteffort)?-pod({_UUID_SYSTEMD}|{_STATIC_POD_HASH})\.slice")
 # cgroupfs driver: /kubepods[/<qos>]/pod<uid>, recognised only below "kubepods"
+# or below a ".." that hides it
 _POD_DIR = re.compile(rf"pod({_UUID}|{_STATIC_POD_HASH})")
 # <runtime>-<id>.scope is the systemd driver's scope per container; CRI-O's
 # and podman's cgroupfs layouts use the same name without ".scope". The
@@ -91,7 +94,7 @@ def from_cgroup_path(path: str) -> Identity:
     below_kubepods = False
     for i, part in enumerate(parts):
         after = parts[i + 1] if i + 1 < len(parts) else None
-        if part == "kubepods":
+        if part in ("kubepods", ".."):  # ".." hides the ancestors, kubepods among them
             below_kubepods = True
         if m := _POD_SLICE.fullmatch(part):
             ident = Identity(pod_uid=m.group(1).replace("_", "-"))
