@@ -13,10 +13,11 @@ below anything (a nested runtime, a kind node's container, a test's parent
 cgroup), and for a process outside the reader's namespace it climbs out with
 ".." (a DaemonSet pod on cgroup v2 has a namespace of its own, so every other
 pod looks like /../../../burstable/pod<uid>/<id> to it). So the shapes are
-looked for in every component and the innermost wins: a pod component starts a new identity (the pod, no container yet), a
-container component below it names the container. Helpers that share a pod's
-cgroup but are not the container (CRI-O's and podman's conmon, nspawn's
-supervisor, LXC's monitor) match nothing and leave the identity as it was.
+looked for in every component and the innermost wins: a pod component starts
+a new identity (the pod, no container yet), a container component below it
+names the container. Helpers that share a pod's cgroup but are not the
+container (CRI-O's and podman's conmon, nspawn's supervisor, LXC's monitor)
+match nothing and leave the identity as it was.
 """
 
 from __future__ import annotations
