@@ -245,7 +245,7 @@ def test_root_filesystem_is_read_only(pod):
     assert "ro" in mounts["/"][0].split(",")
     denied = pod.exec("touch", "/probe", check=False)
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr
-    # writable: only the manifest's emptyDir, a 16 MiB tmpfs on /tmp
+    # the manifest's emptyDir: a writable 16 MiB tmpfs on /tmp
     assert mounts["/tmp"][1] == "tmpfs" and "size=16384k" in mounts["/tmp"][2]
     assert "rw" in mounts["/tmp"][0].split(",")
     pod.exec("touch", "/tmp/probe")
