@@ -11,6 +11,8 @@ BPF_OBJ  := agent/connwatch/bpf/connwatch.bpf.o
 ARCH     := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/')
 MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo $$(uname -m)-linux-gnu)
 ARGS     ?=
+VERSION  := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/connwatch/__init__.py)
+DEB      := $(BUILD)/deb/connwatch_$(VERSION)_$(shell dpkg --print-architecture).deb
 
 # Node.js and npm are taken from the machine when present (the Debian
 # packages conflict with other distributions of Node) and from Debian if not.
@@ -33,35 +35,45 @@ KERNELS      ?= 5.10 6.1 6.12
 # What `make test-kernels` runs inside each kernel (pytest arguments).
 KERNEL_TESTS ?= tests/kernels/guest_checks.py
 
-.PHONY: run test deps apt venv bpf node dashboards check-dashboards deb \
-	test-packaging bench soak clean apt-kernel-tests kernels test-kernels
+# The container engine, for `make image` and the image test only (not for
+# `make run`): buildah builds the image, podman runs it, runc is the OCI
+# runtime (containerd's default; bookworm's crun 1.8 refuses hosts with
+# cgroup v1 and v2 both mounted). Rootful, host network, overlay storage: no
+# slirp4netns, netavark or fuse-overlayfs needed (uidmap comes with buildah).
+IMAGE_APT_PACKAGES := buildah podman runc
+
+.PHONY: run test deps apt apt-image venv bpf node dashboards check-dashboards deb \
+	image test-packaging bench soak clean apt-kernel-tests kernels test-kernels
 
 run: deps
 	$(VENV)/bin/connwatch run $(ARGS)
 
-test: deps
+test: deps apt-image
 	$(PY) -m pytest tests $(ARGS)
 
 deps: apt venv bpf node
 
-apt:
-	@missing=""; for p in $(APT_PACKAGES); do \
+# $(call apt_install,PACKAGES[,SHELL]): install what is missing of PACKAGES;
+# SHELL may add more to $$missing
+define apt_install
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
-	command -v npm >/dev/null || missing="$$missing nodejs npm"; \
+	$(2) \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+endef
+
+apt:
+	$(call apt_install,$(APT_PACKAGES),command -v npm >/dev/null || missing="$$missing nodejs npm";)
+
+apt-image:
+	$(call apt_install,$(IMAGE_APT_PACKAGES))
 
 apt-kernel-tests:
-	@missing=""; for p in $(KERNEL_TEST_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing:$$missing"; \
-		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
-	fi
+	$(call apt_install,$(KERNEL_TEST_PACKAGES))
 
 venv: $(VENV)/.installed
 
@@ -101,7 +113,14 @@ check-dashboards: venv
 deb: deps
 	packaging/build-deb.sh
 
-test-packaging: deps
+# localhost/connwatch:<version>, built with buildah from the .deb on a base
+# image made here from a debootstrapped bookworm (no registry needed; see
+# docs/packaging.md). The base root is the packaging tests' cached tarball.
+image: deb apt-image
+	packaging/container/build-image.sh "$$($(PY) tests/packaging/cwpkg.py bookworm-tarball)" \
+		$(DEB) localhost/connwatch:$(VERSION)
+
+test-packaging: deps apt-image
 	$(PY) -m pytest tests/packaging $(ARGS)
 
 bench: deps

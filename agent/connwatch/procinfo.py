@@ -7,16 +7,12 @@ process can exit between any two lines of this file.
 from __future__ import annotations
 
 import os
-import re
+
+from . import identity
 
 # USER_HZ: /proc/<pid>/stat reports start time in these ticks
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _NS_PER_TICK = 1_000_000_000 // _CLK_TCK
-
-# 64-hex container ids as docker, containerd (cri), cri-o and podman put
-# them into cgroup paths: docker-<id>.scope, cri-containerd-<id>.scope,
-# crio-<id>.scope, libpod-<id>.scope, /docker/<id>, /kubepods/.../<id>
-_CONTAINER_ID = re.compile(r"(?:^|[/-])([0-9a-f]{64})(?:\.scope)?$")
 
 
 def start_ticks(pid: int) -> int | None:
@@ -41,19 +37,9 @@ def is_same_process(pid: int, pstart_ns: int) -> bool:
 
 
 def container_id(pid: int) -> str | None:
-    """The container id in the process's cgroup path; "" on the host, None if gone."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        path = line.split(":", 2)[-1]
-        for part in reversed(path.split("/")):
-            m = _CONTAINER_ID.search(part)
-            if m:
-                return m.group(1)
-    return ""
+    """The `container` of identity.identity(pid): "" on the host, None if gone."""
+    ident = identity.identity(pid)
+    return None if ident is None else ident.container
 
 
 def comm(pid: int) -> str | None:

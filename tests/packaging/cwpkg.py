@@ -275,3 +275,12 @@ def expand_syscall_filter(entries: list[str]) -> set[str]:
     for e in entries:
         allowed |= expand(e)
     return allowed
+
+
+if __name__ == "__main__":
+    # `make image` takes the same cached root as its base: cwpkg.py bookworm-tarball
+    import sys
+
+    if sys.argv[1:] != ["bookworm-tarball"]:
+        sys.exit("usage: cwpkg.py bookworm-tarball")
+    print(bookworm_tarball())

@@ -202,15 +202,20 @@ def test_service_and_servicemonitor_select_the_pods(rendered):
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
 
 
+def docs_promql(mentioning: str) -> list[str]:
+    """The ```promql blocks of docs/kubernetes.md that mention a metric, comment lines removed."""
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    return ["".join(ln for ln in q.splitlines(keepends=True) if not ln.lstrip().startswith("#"))
+            for q in re.findall(r"```promql\n(.*?)```", doc, re.S) if mentioning in q]
+
+
 def test_docs_promql_join_with_kube_state_metrics(tmp_path):
-    """The PromQL joins in docs/kubernetes.md, evaluated by promtool on
+    """The container-id joins in docs/kubernetes.md, evaluated by promtool on
     synthetic connwatch and kube-state-metrics series."""
     if not shutil.which("promtool"):
         pytest.skip("promtool (Debian package prometheus) is not installed")
-    doc = (ROOT / "docs" / "kubernetes.md").read_text()
-    queries = re.findall(r"```promql\n(.*?)```", doc, re.S)
-    assert len(queries) == 2, "docs/kubernetes.md: expected the containerd and the any-runtime join"
-    exprs = ["\n".join(ln for ln in q.splitlines() if not ln.lstrip().startswith("#")) for q in queries]
+    exprs = docs_promql("kube_pod_container_info")
+    assert len(exprs) == 2, "docs/kubernetes.md: expected the containerd and the any-runtime join"
     (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "join", "rules": [
         {"record": "join_containerd", "expr": exprs[0]},
         {"record": "join_any", "expr": exprs[1]},
@@ -240,3 +245,19 @@ def test_docs_promql_join_with_kube_state_metrics(tmp_path):
     }]}
     (tmp_path / "test.yml").write_text(yaml.safe_dump(tests, sort_keys=False))
     run(["promtool", "test", "rules", str(tmp_path / "test.yml")])
+
+
+PROMQL_TESTS = ROOT / "tests" / "promql"
+
+
+def test_docs_pod_uid_joins_are_the_tested_rules():
+    """The pod_uid joins printed in docs/kubernetes.md are, character for
+    character, the recording rules tests/promql/pod_uid_join.test.yml tests."""
+    rules = yaml.safe_load((PROMQL_TESTS / "pod_uid_join.rules.yml").read_text())["groups"][0]["rules"]
+    assert docs_promql("kube_pod_info") == [r["expr"] for r in rules]
+
+
+def test_pod_uid_joins_with_promtool():
+    if not shutil.which("promtool"):
+        pytest.skip("promtool (Debian package prometheus) is not installed")
+    run(["promtool", "test", "rules", str(PROMQL_TESTS / "pod_uid_join.test.yml")])
