@@ -399,18 +399,20 @@ class Map:
                 ctypes.byref(count),
                 None,
             )
+            # only these three leave a meaningful count (the entries copied)
+            if ret not in (0, -errno.ENOENT, -errno.ENOSPC):
+                _check(ret, f"batch lookup in {self.name}")
             for i in range(count.value):
                 yield keys[i], values[i]
             if ret == -errno.ENOENT:
                 return
-            if ret == -errno.ENOSPC:
-                # a hash bucket holds more than `chunk` entries: grow and retry
-                chunk *= 2
-                keys, values = (key_type * chunk)(), (value_type * chunk)()
-                continue
-            _check(ret, f"batch lookup in {self.name}")
+            # go on after the last bucket returned
             ctypes.memmove(in_batch, out_batch, len(out_batch))
             first = False
+            if ret == -errno.ENOSPC:
+                # the next hash bucket holds more than `chunk` entries: grow
+                chunk *= 2
+                keys, values = (key_type * chunk)(), (value_type * chunk)()
 
     def _items_iter(self, key_type, value_type) -> Iterator[tuple]:
         # one-element arrays, so that items come out exactly as from a batch

@@ -159,6 +159,7 @@ class Strategy:
     programs: tuple[str, ...]    # the BPF programs it loads (cw_sys_exit is shared)
     requires: tuple[Requirement, ...] = ()
     fexit_functions: tuple[str, ...] = ()  # their arity goes into nargs_<function>
+    iter_map: str | None = None  # the map a map-element iterator walks
 
     def unmet(self, kernel: Kernel) -> str | None:
         for check in self.requires:
@@ -169,9 +170,11 @@ class Strategy:
 
 
 def fexit(program: str, *functions: str, section: str = "fexit") -> Strategy:
-    """fentry/fexit programs on kernel functions (one program per function)."""
+    """An fexit (or fentry) program on a kernel function; fexit reads the
+    return value from a slot that depends on the function's arity."""
     return Strategy("fentry", ", ".join(f"{section}/{f}" for f in functions), (program,),
-                    (_fentry, *map(_function, functions)), fexit_functions=functions)
+                    (_fentry, *map(_function, functions)),
+                    fexit_functions=functions if section == "fexit" else ())
 
 
 def kprobes(programs: tuple[str, ...], *functions: str, attach: str) -> Strategy:
@@ -260,7 +263,8 @@ PROBES: tuple[Probe, ...] = (
     Probe("listener_stats", (
         Strategy("iterator", "iter/bpf_map + bpf_for_each_map_elem", ("cw_listener_stats",),
                  (_iter_target("bpf_map"), _helper("for_each_map_elem"))),
-        Strategy("iterator", "iter/bpf_map_elem", ("cw_listener_stats_elem",), (_iter_target("bpf_map_elem"),)),
+        Strategy("iterator", "iter/bpf_map_elem", ("cw_listener_stats_elem",), (_iter_target("bpf_map_elem"),),
+                 iter_map="listeners"),
     ), ("connwatch_listen_queue_length", "connwatch_listen_backlog", "connwatch_listen_drops_total",
         "connwatch_listen_somaxconn")),
     Probe("port_use", (
@@ -498,20 +502,25 @@ class Probes:
         capabilities are its own) drops them all and reads a map."""
         from . import caps
 
-        refused: list[bool] = []
+        outcome: list[BaseException | None] = []
 
         def attempt() -> None:
-            caps.drop_thread_capabilities()
             try:
+                caps.drop_thread_capabilities()
                 next(self.obj.maps["procs"].items(ctypes.c_uint32, bpf_types.Proc), None)
-                refused.append(False)
-            except LibbpfError as e:
-                refused.append(e.errno == errno.EPERM)
+                outcome.append(None)
+            except BaseException as e:  # reported to the caller
+                outcome.append(e)
 
         t = threading.Thread(target=attempt, name="bpf-capability-check")
         t.start()
         t.join()
-        return refused == [True]
+        (error,) = outcome
+        if isinstance(error, LibbpfError) and error.errno == errno.EPERM:
+            return True
+        if error is not None:
+            raise error
+        return False
 
     def _forget_seed_claims(self) -> None:
         claims = self.obj.maps["seed_claims"]
@@ -527,9 +536,12 @@ def _attach(obj: BpfObject, plan: Plan) -> str | None:
     """Attach every chosen program but the syscall hook (armed later, or
     not at all); the first program that will not attach, or None."""
     for name in sorted(plan.programs() - {SYSCALL_HOOK_PROGRAM}):
-        prog = obj.programs[name]
+        prog, s = obj.programs[name], plan.strategy(plan.owner_of(name))
         try:
-            prog.attach_iter() if plan.strategy(plan.owner_of(name)).via == "iterator" else prog.attach()
+            if s.via != "iterator":
+                prog.attach()
+            else:
+                prog.attach_iter(obj.maps[s.iter_map].fd if s.iter_map else None)
         except LibbpfError as e:
             return f"{name}: attach failed: {e.strerror}"
     return None
