@@ -483,20 +483,28 @@ static __always_inline void track(struct sock *sk, struct cw_sock *s, enum seen_
 
 /*
  * A queued connection (see `queued`) was seen accepted, owned by (tgid,
- * pstart): count it, unless the refresh walk did already (under the
- * listener's owner). True if this call counted it.
+ * pstart): count it, unless someone else did (the refresh walk, under the
+ * listener's owner) or its close is being accounted. Counted before the
+ * entry in `queued` is deleted, and undone if that delete loses: a close
+ * racing on another CPU, which subtracts only once the entry is gone, then
+ * never subtracts what was not added yet. True if this call counted it.
  */
 static __always_inline bool settle_queued(struct sock *sk, struct cw_sock *s, __u32 tgid, __u64 pstart)
 {
+	struct cw_sock settled = *s;
 	__u64 key = (__u64)sk;
 
-	s->queued = 0;
-	if (bpf_map_delete_elem(&queued, &key))
+	settled.tgid = settled.acceptor_tgid = tgid;
+	settled.pstart = settled.acceptor_pstart = pstart;
+	settled.queued = 0;
+	count_connection(&settled, 1);
+	if (bpf_map_delete_elem(&queued, &key)) {
+		count_connection(&settled, -1);
+		s->queued = 0;
 		return false;
-	s->tgid = s->acceptor_tgid = tgid;
-	s->pstart = s->acceptor_pstart = pstart;
-	count_connection(s, 1);
-	acceptor_count(s, 1, 0);
+	}
+	acceptor_count(&settled, 1, 0);
+	*s = settled;
 	return true;
 }
 
@@ -512,10 +520,14 @@ static __always_inline void settle_if_accepted(__u64 *key, struct queued_conn *q
 		.lport = q->lport, .kind = q->kind, .close_wait = q->close_wait,
 	};
 
-	__builtin_memcpy(s.peer, q->peer, CW_ADDR_LEN);
-	if (!grafted((const struct sock *)*key) || bpf_map_delete_elem(&queued, key))
+	if (!grafted((const struct sock *)*key))
 		return;
-	count_connection(&s, 1);
+	__builtin_memcpy(s.peer, q->peer, CW_ADDR_LEN);
+	count_connection(&s, 1); /* before the delete: see settle_queued() */
+	if (bpf_map_delete_elem(&queued, key)) {
+		count_connection(&s, -1);
+		return;
+	}
 	acceptor_count(&s, 1, 0);
 }
 

@@ -67,7 +67,6 @@ const volatile struct {
 	enum cw_syscall syscall;
 	enum cw_class_state class_state;
 	enum cw_arm_reason arm_reason;
-	struct cw_listener_stat listener_stat;
 	struct cw_port_use_key port_use_key;
 	struct cw_port_use port_use;
 	struct cw_arm_event arm_event;
@@ -605,45 +604,36 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
-struct listener_walk {
-	struct seq_file *seq;
-};
-
 static long settle_if_accepted_cb(struct bpf_map *map, __u64 *key, struct queued_conn *q, void *unused)
 {
 	settle_if_accepted(key, q);
 	return 0;
 }
 
-static long emit_listener_stat(struct bpf_map *map, __u64 *key, struct cw_listener *l,
-			       struct listener_walk *walk)
+static long refresh_listener_cb(struct bpf_map *map, __u64 *key, struct cw_listener *l, void *unused)
 {
-	struct cw_listener_stat out = {};
-
-	if (read_listener_stat(*key, l, &out))
-		bpf_seq_write(walk->seq, &out, sizeof(out));
+	refresh_listener(*key, l);
 	return 0;
 }
 
 /*
- * Each refresh: the live queue of every known listener, read from the
- * listeners map, so the work grows with listeners, not with fds; and,
- * without an accept hook, the queued connections some process has since
- * accepted (see `queued`). Driven by the iterator over BPF maps, whose
- * first call walks our maps with bpf_for_each_map_elem() (v5.13): the
- * map-element iterator, which needs neither, is refused by some kernels
- * (the development host).
+ * Each refresh, just before the agent reads the listeners map: the live
+ * queue of every known listener, refreshed in the map, so the work grows
+ * with listeners, not with fds (and no seq_file page limits the count);
+ * and, without an accept hook, the queued connections some process has
+ * since accepted (see `queued`). Driven by the iterator over BPF maps,
+ * whose first call walks our maps with bpf_for_each_map_elem() (v5.13):
+ * the map-element iterator, which needs neither, is refused by some
+ * kernels (the development host).
  */
 SEC("iter/bpf_map")
 int cw_listener_stats(struct bpf_iter__bpf_map *ctx)
 {
-	struct listener_walk walk = { .seq = ctx->meta->seq };
-
 	if (ctx->meta->seq_num || !ctx->map)
 		return 0;
 	if (count_at_handshake)
 		bpf_for_each_map_elem(&queued, settle_if_accepted_cb, NULL, 0);
-	bpf_for_each_map_elem(&listeners, emit_listener_stat, &walk, 0);
+	bpf_for_each_map_elem(&listeners, refresh_listener_cb, NULL, 0);
 	return 0;
 }
 
@@ -651,12 +641,11 @@ int cw_listener_stats(struct bpf_iter__bpf_map *ctx)
 SEC("iter/bpf_map_elem")
 int cw_listener_stats_elem(struct bpf_iter__bpf_map_elem *ctx)
 {
-	struct cw_listener_stat out = {};
 	struct cw_listener *l = ctx->value;
 	__u64 *key = ctx->key;
 
-	if (key && l && read_listener_stat(*key, l, &out))
-		bpf_seq_write(ctx->meta->seq, &out, sizeof(out));
+	if (key && l)
+		refresh_listener(*key, l);
 	return 0;
 }
 

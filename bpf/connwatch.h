@@ -153,7 +153,11 @@ struct cw_fail_key {
 	__u16 err;		/* positive errno */
 };
 
-/* listeners: one entry per listening TCP socket (key: struct sock address). */
+/*
+ * listeners: one entry per listening TCP socket (key: struct sock address).
+ * The live queue fields are refreshed in place by the listener-stats
+ * iterator just before the agent reads the map.
+ */
 struct cw_listener {
 	__u64 pstart;		/* owner: the process that called listen(), or held it at start-up */
 	__u64 overflow_drops;	/* handshakes dropped because the accept queue was full */
@@ -163,22 +167,16 @@ struct cw_listener {
 	__u32 flags;		/* CW_LISTENER_* */
 	__u16 lport;
 	__u16 family;
-	__u32 _pad;
-};
-
-/* the listen probe saw listen()'s argument (not for listeners that predate the agent) */
-#define CW_LISTENER_BACKLOG_SEEN 1
-
-/* One record of the listener-stats iterator: a listener's live queue. */
-struct cw_listener_stat {
-	struct cw_listener l;
+	/* refreshed by the iterator: */
+	__u32 state;		/* TCP state; TCP_LISTEN unless it closed a moment ago */
 	__u32 queue_length;	/* sk_ack_backlog: connections waiting for accept() */
 	__u32 backlog;		/* sk_max_ack_backlog: effective backlog */
 	__u32 drops;		/* sk_drops: SYNs (and more) dropped on this listener */
 	__u32 somaxconn;	/* net.core.somaxconn of the listener's network namespace */
-	__u32 state;		/* TCP state; TCP_LISTEN unless closing */
-	__u32 _pad;
 };
+
+/* the listen probe saw listen()'s argument (not for listeners that predate the agent) */
+#define CW_LISTENER_BACKLOG_SEEN 1
 
 /* peers: open connections per owner, local port and peer address. */
 struct cw_peer_key {

@@ -164,27 +164,24 @@ static __always_inline bool accept_queue_full(const struct sock *sk)
 }
 
 /*
- * The record the listener-stats iterators emit for one listener: its entry
- * and its live queue, read through the key. The key is the address of a
- * socket that was listening when the entry was made; TCP sockets are freed
- * RCU-safely (SLAB_TYPESAFE_BY_RCU) and iterators run under RCU, so the
- * memory is a struct sock even if this one closed a moment ago: its state
- * and port are checked before the record is trusted.
+ * Refresh a listener's live queue fields, read through its key. The key is
+ * the address of a socket that was listening when the entry was made; TCP
+ * sockets are freed RCU-safely (SLAB_TYPESAFE_BY_RCU) and iterators run
+ * under RCU, so the memory is a struct sock even if this one closed a
+ * moment ago: the agent uses the entry only if the state read here is
+ * TCP_LISTEN and the port is still its.
  */
-static __always_inline bool read_listener_stat(__u64 key, const struct cw_listener *l,
-					       struct cw_listener_stat *out)
+static __always_inline void refresh_listener(__u64 key, struct cw_listener *l)
 {
 	const struct sock *sk = (const struct sock *)key;
 
-	out->l = *l;
-	out->state = BPF_CORE_READ(sk, __sk_common.skc_state);
-	if (out->state != TCP_LISTEN || BPF_CORE_READ(sk, __sk_common.skc_num) != l->lport)
-		return false;
-	out->queue_length = BPF_CORE_READ(sk, sk_ack_backlog);
-	out->backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
-	out->drops = BPF_CORE_READ(sk, sk_drops.counter);
-	out->somaxconn = BPF_CORE_READ(sk, __sk_common.skc_net.net, core.sysctl_somaxconn);
-	return true;
+	l->state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	if (BPF_CORE_READ(sk, __sk_common.skc_num) != l->lport)
+		l->state = TCP_CLOSE;
+	l->queue_length = BPF_CORE_READ(sk, sk_ack_backlog);
+	l->backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+	l->drops = BPF_CORE_READ(sk, sk_drops.counter);
+	l->somaxconn = BPF_CORE_READ(sk, __sk_common.skc_net.net, core.sysctl_somaxconn);
 }
 
 #endif /* CW_LISTENERS_BPF_H */

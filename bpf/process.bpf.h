@@ -50,14 +50,26 @@ static __always_inline __u64 current_pstart(void)
 	return task_pstart(current_task());
 }
 
-/* Record (or refresh) the identity of the current process; returns its tgid. */
+/* Has the current process's last thread begun to exit (signal->live at 0)? */
+static __always_inline bool current_process_exiting(void)
+{
+	return BPF_CORE_READ(current_task(), signal, live.counter) == 0;
+}
+
+/*
+ * Record (or refresh) the identity of the current process; returns its
+ * tgid. Not for a process that is exiting: its entry was removed at
+ * sched_process_exit, and the sockets it still closes afterwards
+ * (exit_files() runs after that tracepoint) must not bring it back, or its
+ * series would outlive it.
+ */
 static __always_inline __u32 note_current_process(__u64 pstart)
 {
 	__u32 tgid = current_tgid();
 	struct cw_proc *p = bpf_map_lookup_elem(&procs, &tgid);
 	struct cw_proc fresh = {};
 
-	if (p && p->pstart == pstart)
+	if ((p && p->pstart == pstart) || current_process_exiting())
 		return tgid;
 	fresh.pstart = pstart;
 	bpf_get_current_comm(fresh.comm, sizeof(fresh.comm));

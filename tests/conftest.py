@@ -91,7 +91,8 @@ class AgentProcess:
     def __init__(self, tmp: Path, config: str = "", extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.config_path = tmp / "connwatch.yml"
-        self.config_path.write_text("refresh_interval_seconds: 0.1\n" + config)
+        fast = "" if "refresh_interval_seconds:" in config else "refresh_interval_seconds: 0.1\n"
+        self.config_path.write_text(fast + config)
         self.log_path = tmp / "agent.log"
         self.url = f"http://127.0.0.1:{self.port}/metrics"
         self._log = open(self.log_path, "wb")
@@ -140,6 +141,18 @@ class AgentProcess:
 @pytest.fixture(scope="session")
 def agent(tmp_path_factory):
     a = AgentProcess(tmp_path_factory.mktemp("agent"))
+    yield a
+    a.stop()
+
+
+@pytest.fixture(scope="session")
+def hooked_agent(tmp_path_factory):
+    """An agent that counts EMFILE/ENFILE, port exhaustion and listen()'s
+    backlog from the start whatever the kernel: where only the syscall hook
+    can see them (no fentry, no kprobes: the development host), it is
+    attached for good instead of on demand; elsewhere the setting changes
+    nothing."""
+    a = AgentProcess(tmp_path_factory.mktemp("hooked_agent"), "syscall_tracing: always\n")
     yield a
     a.stop()
 

@@ -39,46 +39,54 @@ def test_50k_peers_and_2000_processes_stay_under_the_caps(start_agent):
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         c.close()
         s.close()
-    m = agent.wait_for_value("connwatch_connections_accepted_total", 50000, pid=os.getpid(), port=port,
+    m = agent.wait_for_value("connwatch_connections_closed_total", 50000, pid=os.getpid(), port=port,
                              timeout=60)
+    assert m.value("connwatch_connections_accepted_total", pid=os.getpid(), port=port) == 50000
     # closed peers' zero entries are pruned under pressure: the map stays within bounds
     assert m.value("connwatch_bpf_map_entries", map="peers") <= 20000
     assert m.value("connwatch_peers", port=port) is None  # no open connections, no peers
 
-    # 2,000 processes, each holding one accepted connection
+    # 2,000 processes, each serving one connection (a prefork server)
     children, clients = [], []
-    for _ in range(2000):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: accept one connection, hold it until the pipe closes
+    try:
+        for _ in range(2000):
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # child: accept one connection, read its request, hold it until the pipe closes
+                os.close(w)
+                conn, _ = listener.accept()
+                conn.recv(1)
+                os.read(r, 1)
+                os._exit(0)
+            os.close(r)
+            children.append((pid, w))
+            clients.append(socket.create_connection(("127.0.0.1", port)))
+            clients[-1].send(b"x")
+
+        def all_counted():
+            m = agent.scrape()
+            total = m.value("connwatch_connections", port=port, kind="tcp") or 0
+            return m if total == 2000 else None
+        m = wait_for(all_counted, timeout=60, what="2000 connections counted")
+        pids = {s.labels["pid"] for s in m.select("connwatch_connections")}
+        assert len(pids) <= MAX_PROCESSES + 1  # the kept processes and one "other"
+        other = m.select("connwatch_connections", comm="other", port=port)
+        assert other and other[0].labels["pid"] == "" and other[0].value >= 2000 - MAX_PROCESSES
+        # top-K peers per listening process and port: at most (kept processes + "other") x K
+        per_process: dict[str, int] = {}
+        for s in m.select("connwatch_peer_connections", port=port):
+            per_process[s.labels["pid"]] = per_process.get(s.labels["pid"], 0) + 1
+        assert max(per_process.values()) <= TOP_K and len(per_process) <= MAX_PROCESSES + 1
+        series = sum(1 for s in m.samples)
+        assert series < 5000, series
+        assert agent_rss_bytes(agent) < 150 * 2**20
+    finally:
+        for pid, w in children:
             os.close(w)
-            conn, _ = listener.accept()
-            os.read(r, 1)
-            os._exit(0)
-        os.close(r)
-        children.append((pid, w))
-        clients.append(socket.create_connection(("127.0.0.1", port)))
-
-    def all_counted():
-        m = agent.scrape()
-        total = m.value("connwatch_connections", port=port, kind="tcp") or 0
-        return m if total == 2000 else None
-    m = wait_for(all_counted, timeout=60, what="2000 connections counted")
-    pids = {s.labels["pid"] for s in m.select("connwatch_connections")}
-    assert len(pids) <= MAX_PROCESSES + 1  # the kept processes and one "other"
-    other = m.select("connwatch_connections", comm="other", port=port)
-    assert other and other[0].labels["pid"] == "" and other[0].value >= 2000 - MAX_PROCESSES
-    assert len(m.select("connwatch_peer_connections", port=port)) <= TOP_K
-    series = sum(1 for s in m.samples)
-    assert series < 5000, series
-    assert agent_rss_bytes(agent) < 150 * 2**20
-
-    for pid, w in children:
-        os.close(w)
-    for pid, _ in children:
-        os.waitpid(pid, 0)
-    for c in clients:
-        c.close()
+        for pid, _ in children:
+            os.waitpid(pid, 0)
+        for c in clients:
+            c.close()
     # the exited processes leave no series behind
     wait_for(lambda: not agent.scrape().select("connwatch_connections", comm="other", port=str(port)),
              timeout=60, what="the exited processes' series to disappear")

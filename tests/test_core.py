@@ -77,7 +77,8 @@ def test_exited_process_disappears(agent, server):
         c.close()
 
 
-def test_emfile_counted_per_syscall(agent, server):
+def test_emfile_counted_per_syscall(hooked_agent, server):
+    agent = hooked_agent
     srv = server("--backlog", "16")
     # A child with a soft RLIMIT_NOFILE of 64: prlimit on the real process.
     subprocess.run(["prlimit", f"--pid={srv.pid}", "--nofile=64:64"], check=True)
@@ -120,7 +121,11 @@ def test_churn_leaves_socket_map_at_baseline(agent, server):
             c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         c.close()
     assert srv.readline() == f"churned {n}"
-    m = agent.wait_for_value("connwatch_connections_closed_total", n, pid=srv.pid, port=port, timeout=60)
+    # a server socket whose FIN is ACKed while its owner holds the lock can
+    # wait in FIN_WAIT2 for tcp_fin_timeout before TCP_CLOSE (docs/metrics.md)
+    fin_timeout = int(open("/proc/sys/net/ipv4/tcp_fin_timeout").read())
+    m = agent.wait_for_value("connwatch_connections_closed_total", n, pid=srv.pid, port=port,
+                             timeout=fin_timeout + 30)
     assert m.value("connwatch_connections_accepted_total", pid=srv.pid, port=port) == n
     assert m.value("connwatch_connections", pid=srv.pid, port=port) == 0
     agent.wait_for_value("connwatch_bpf_map_entries", baseline, map="socks", timeout=60)
@@ -135,10 +140,12 @@ def test_bpf_program_cost_is_exported_when_bpf_stats_is_on(start_agent, server):
     srv.command("accept 5")
     agent.wait_for_value("connwatch_connections", 5, pid=srv.pid, port=port)
     m = agent.scrape()
-    for program in ("sys_exit", "inet_sock_set_state", "sock_recv_length"):
-        runs = m.value("connwatch_bpf_program_runs_total", program=program)
+    ran = {s.labels["program"]: s.value for s in m.select("connwatch_bpf_program_runs_total") if s.value}
+    # whatever strategy each probe got here, the state changes ran, and so
+    # did the programs that counted these accepts
+    assert "sock_state" in ran and len(ran) >= 3, ran
+    for program, runs in ran.items():
         seconds = m.value("connwatch_bpf_program_run_seconds_total", program=program)
-        assert runs and runs > 0, program
         assert seconds and 0 < seconds / runs < 1e-4, program  # a run costs ns, not 100 µs
     for c in clients:
         c.close()
@@ -163,9 +170,10 @@ sys.stdin.read()
 """
 
 
-def test_ephemeral_port_exhaustion_counted(agent, netns):
+def test_ephemeral_port_exhaustion_counted(hooked_agent, netns):
     """Two local ports in a namespace's ip_local_port_range: once they are
     taken, connect() to the same destination fails with EADDRNOTAVAIL."""
+    agent = hooked_agent
     subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-qw",
                     "net.ipv4.ip_local_port_range=40000 40001"], check=True)
     proc = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", PORT_EXHAUSTER],

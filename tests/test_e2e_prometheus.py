@@ -262,7 +262,9 @@ class Agent:
     def __init__(self, tmp: Path):
         self.port = free_port()
         cfg = tmp / "connwatch.yml"
-        text = "refresh_interval_seconds: 0.2\n"
+        # the dashboards show EMFILE, port exhaustion and listen()'s backlog from
+        # the start: where only the syscall hook sees them, it stays attached
+        text = "refresh_interval_seconds: 0.2\nsyscall_tracing: always\n"
         if os.environ.get("CONNWATCH_E2E_BPF_OBJECT"):  # e.g. an object built from another tree
             text += f"bpf_object: {os.environ['CONNWATCH_E2E_BPF_OBJECT']}\n"
         cfg.write_text(text)

@@ -140,7 +140,7 @@ def test_system_metric_names_types_and_values():
         "connwatch_system_nr_open": s.nr_open,
         "connwatch_system_ephemeral_ports": s.ephemeral_ports,
         "connwatch_system_ephemeral_ports_in_use": s.ephemeral_ports_in_use,
-        "connwatch_system_ephemeral_ports_in_use_max_destination": s.busiest_destination_ports_in_use,
+        "connwatch_system_ephemeral_ports_in_use_max_destination": s.port_destinations[0][1] if s.port_destinations else 0,
         "connwatch_system_tcp_time_wait": s.tcp_time_wait,
         "connwatch_system_tcp_time_wait_limit": s.tcp_time_wait_limit,
         "connwatch_system_tcp_orphans": s.tcp_orphans,

@@ -26,7 +26,8 @@ def netstat(netns: str) -> dict[str, int]:
     return dict(zip(names, map(int, values)))
 
 
-def test_queue_length_in_another_namespace(agent, netns):
+def test_queue_length_in_another_namespace(hooked_agent, netns):
+    agent = hooked_agent
     server = in_netns(netns, str(SERVERS / "hold_server.py"), "--backlog", "64")
     clients = None
     try:
@@ -49,7 +50,8 @@ def test_queue_length_in_another_namespace(agent, netns):
                 p.wait()
 
 
-def test_requested_backlog_beside_the_somaxconn_cap(agent):
+def test_requested_backlog_beside_the_somaxconn_cap(hooked_agent):
+    agent = hooked_agent
     somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

@@ -165,8 +165,8 @@ def test_busiest_destination_counts_outbound_connections_to_one_listener(source)
             held += [busy.accept()[0] for _ in range(120)]
             rng = system.read_port_range()
             use, used_source = system.ephemeral_port_use(rng, prefer="{source}")
-            print(json.dumps({{"in_use": use.in_use, "busiest": use.busiest_destination,
-                              "busiest_count": use.busiest_destination_in_use, "source": used_source,
+            print(json.dumps({{"in_use": use.in_use, "busiest": use.busiest[0],
+                              "busiest_count": use.busiest[1], "source": used_source,
                               "busy": "127.0.0.1:%d" % busy.getsockname()[1]}}))
         """)
     assert result["source"] == source
@@ -192,7 +192,7 @@ def test_ipv6_and_v4_mapped_destinations():
             out = {}
             for source in ("sock_diag", "proc"):
                 use, _ = system.ephemeral_port_use(system.read_port_range(), prefer=source)
-                out[source] = [use.in_use, use.busiest_destination, use.busiest_destination_in_use]
+                out[source] = [use.in_use, *use.busiest]
             out["v6"] = v6.getsockname()[1]
             print(json.dumps(out))
         """)
@@ -210,9 +210,9 @@ def test_port_range_size_excludes_reserved_ports():
             from connwatch.system import read_system
             s = read_system()
             print(json.dumps([s.ephemeral_port_range, s.ephemeral_ports, s.ephemeral_ports_in_use,
-                              s.busiest_destination, s.busiest_destination_ports_in_use]))
+                              s.port_destinations]))
         """)
-    assert result == [[40000, 40999], 900, 0, None, 0]
+    assert result == [[40000, 40999], 900, 0, []]
 
 
 @needs_root

@@ -61,9 +61,10 @@ def test_histogram_is_cumulative_with_le_in_seconds():
     h.buckets[3] = 1   # [4, 8) ms
     h.buckets[31] = 1  # the open-ended last bucket: only in +Inf
     h.count, h.sum_ns = 4, 5_000_000
-    buckets, total, count = _histogram(h)
+    hist = _histogram(h)
+    buckets = hist.buckets
     assert buckets[0] == (0.001, 2) and buckets[3] == (0.008, 3) and buckets[-1] == (2 ** 30 / 1000, 3)
-    assert len(buckets) == T.HIST_BUCKETS - 1 and count == 4 and total == 0.005
+    assert len(buckets) == T.HIST_BUCKETS - 1 and hist.count == 4 and hist.sum_seconds == 0.005
 
 
 def test_config_defaults_and_values():

@@ -70,17 +70,16 @@ class Arming:
         everything has stayed well below it for a while."""
         worst, why = self._highest_fill(system)
         if worst >= self._ratio:
-            self._calm_since = None
             self._arm(why)
             return
-        if worst >= self._ratio * DISARM_FRACTION:
-            self._calm_since = None
-            return
-        now = time.monotonic()
-        if self._calm_since is None:
-            self._calm_since = now
-        elif now - self._calm_since >= DISARM_AFTER_SECONDS:
-            with self._lock:
+        with self._lock:  # the ring-buffer thread may arm meanwhile
+            if worst >= self._ratio * DISARM_FRACTION:
+                self._calm_since = None
+                return
+            now = time.monotonic()
+            if self._calm_since is None:
+                self._calm_since = now
+            elif now - self._calm_since >= DISARM_AFTER_SECONDS:
                 self._hook.disarm(f"everything below {self._ratio * DISARM_FRACTION:.0%} of its limit "
                                   f"for {DISARM_AFTER_SECONDS:.0f} s")
 
@@ -104,4 +103,5 @@ class Arming:
 
     def _arm(self, why: str) -> None:
         with self._lock:
+            self._calm_since = None  # the hysteresis starts over
             self._hook.arm(why)

@@ -103,16 +103,12 @@ class FailKey(ctypes.Structure):
 class Listener(ctypes.Structure):
     _fields_ = [
         ("pstart", u64), ("overflow_drops", u64), ("tgid", u32), ("netns", u32),
-        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("family", u16), ("_pad", u32),
+        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("family", u16),
+        ("state", u32), ("queue_length", u32), ("backlog", u32), ("drops", u32), ("somaxconn", u32),
     ]
 
 
 LISTENER_BACKLOG_SEEN = 1
-
-
-class ListenerStat(ctypes.Structure):
-    _fields_ = [("l", Listener), ("queue_length", u32), ("backlog", u32), ("drops", u32),
-                ("somaxconn", u32), ("state", u32), ("_pad", u32)]
 
 
 class PeerKey(ctypes.Structure):
@@ -156,7 +152,6 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "cw_proc": Proc,
     "cw_fail_key": FailKey,
     "cw_listener": Listener,
-    "cw_listener_stat": ListenerStat,
     "cw_peer_key": PeerKey,
     "cw_upgrade_key": UpgradeKey,
     "cw_duration_key": DurationKey,

@@ -129,6 +129,8 @@ _btf_resolve_size = _fn("btf__resolve_size", ctypes.c_long, _vp, _u32)
 _btf_load_vmlinux = _fn("btf__load_vmlinux_btf", _vp)
 _btf_free = _fn("btf__free", None, _vp)
 _map_type = _fn("bpf_map__type", _i, _vp)
+_map_flags = _fn("bpf_map__map_flags", _u32, _vp)
+_map_set_flags = _fn("bpf_map__set_map_flags", _i, _vp, _u32)
 _ringbuf_new = _fn("ring_buffer__new", _vp, _i, _vp, _vp, _vp)
 _ringbuf_poll = _fn("ring_buffer__poll", _i, _vp, _i)
 _ringbuf_free = _fn("ring_buffer__free", None, _vp)
@@ -334,6 +336,14 @@ class Map:
         """enum bpf_map_type"""
         return _map_type(self._p)
 
+    @property
+    def flags(self) -> int:
+        return _map_flags(self._p)
+
+    def set_flags(self, flags: int) -> None:
+        """Map flags (BPF_F_*), before load."""
+        _check(_map_set_flags(self._p, flags), f"set flags of {self.name}")
+
     def initial_value(self) -> ctypes.Array:
         """The writable pre-load image of a global-data map (.rodata, .bss)."""
         size = ctypes.c_size_t()
@@ -383,12 +393,13 @@ class Map:
             yield from self._items_iter(key_type, value_type)
 
     def _items_batch(self, key_type, value_type, chunk: int) -> Iterator[tuple]:
-        keys = (key_type * chunk)()
-        values = (value_type * chunk)()
         out_batch = ctypes.create_string_buffer(max(self.key_size, 8))
         in_batch = ctypes.create_string_buffer(max(self.key_size, 8))
         first = True
         while True:
+            # new arrays for every batch: a structure taken from an array
+            # shares the array's memory, so the next batch must not reuse it
+            keys, values = (key_type * chunk)(), (value_type * chunk)()
             count = _u32(chunk)
             ret = _map_lookup_batch(
                 self.fd,
@@ -410,9 +421,7 @@ class Map:
             ctypes.memmove(in_batch, out_batch, len(out_batch))
             first = False
             if ret == -errno.ENOSPC:
-                # the next hash bucket holds more than `chunk` entries: grow
-                chunk *= 2
-                keys, values = (key_type * chunk)(), (value_type * chunk)()
+                chunk *= 2  # the next hash bucket holds more than `chunk` entries
 
     def _items_iter(self, key_type, value_type) -> Iterator[tuple]:
         # one-element arrays, so that items come out exactly as from a batch

@@ -35,6 +35,14 @@ FEATURE_PROBES = ("cw_probe_fentry", "cw_probe_sk_storage")
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 BPF_MAP_TYPE_RINGBUF = 27
 BPF_MAP_TYPE_SK_STORAGE = 24
+BPF_F_NO_PREALLOC = 1
+# Maps whose elements are deleted while other code holds pointers to them:
+# peers (pruned by the agent while BPF programs update them), queued and
+# listeners (walked by bpf_for_each_map_elem while closes delete from them). Without
+# preallocation a deleted element is freed after an RCU grace period instead
+# of being handed to the next insert at once, so a pointer to it never
+# starts meaning another key.
+NOT_PREALLOCATED = ("peers", "queued", "listeners")
 
 
 class ProbeError(RuntimeError):
@@ -359,6 +367,9 @@ def _open(path: str, cfg: Config, plan: Plan) -> BpfObject:
             cap = cfg.maps.capacity(name)
             if cap:
                 mp.set_max_entries(cap)
+        if not plan.uses("kprobe"):  # before 6.1, kprobe programs need preallocated hash maps
+            for name in NOT_PREALLOCATED:
+                obj.maps[name].set_flags(obj.maps[name].flags | BPF_F_NO_PREALLOC)
         wanted = plan.programs()
         for name, prog in obj.programs.items():
             prog.autoload = name in wanted

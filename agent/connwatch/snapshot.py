@@ -183,7 +183,7 @@ class SnapshotReader:
         self._entries = {}
         # counters first, identities last: a process that starts in between
         # is then already in `procs`, so its fresh counters are never dropped
-        listener_stats = self._read_listener_stats()
+        listeners = self._read_listeners()
         conn_items = self._items("conn_counts", bpf_types.ConnKey, bpf_types.ConnCounts)
         fail_items = {name: self._items(name, bpf_types.FailKey, ctypes.c_uint64)
                       for name in ("fd_failures", "port_exhaustion")}
@@ -224,9 +224,8 @@ class SnapshotReader:
             key = (k.tgid, SYSCALL_NAMES.get(k.syscall, "other"))
             s.port_exhaustion[key] = s.port_exhaustion.get(key, 0) + v
 
-        for st in listener_stats:
-            l = st.l
-            if st.state != TCP_LISTEN or owner(l.tgid, l.pstart) is None:
+        for l in listeners:
+            if l.state != TCP_LISTEN or owner(l.tgid, l.pstart) is None:
                 continue
             key = PortKey(l.tgid, l.lport)
             prev = s.listeners.get(key)
@@ -234,11 +233,11 @@ class SnapshotReader:
             # IPv4 and IPv6 listeners on one port (or one shared by forked
             # workers) add up, as the kernel's queues do
             s.listeners[key] = ListenerState(
-                queue_length=st.queue_length + (prev.queue_length if prev else 0),
-                backlog=st.backlog + (prev.backlog if prev else 0),
-                drops=st.drops + (prev.drops if prev else 0),
+                queue_length=l.queue_length + (prev.queue_length if prev else 0),
+                backlog=l.backlog + (prev.backlog if prev else 0),
+                drops=l.drops + (prev.drops if prev else 0),
                 overflow_drops=l.overflow_drops + (prev.overflow_drops if prev else 0),
-                somaxconn=st.somaxconn,
+                somaxconn=l.somaxconn,
                 requested=requested if prev is None or prev.requested is None else max(
                     prev.requested, requested or 0),
             )
@@ -272,11 +271,12 @@ class SnapshotReader:
             out[name] = ProbeState(on, strategy.via, strategy.attach) if strategy else ProbeState(on)
         return out
 
-    def _read_listener_stats(self) -> list[bpf_types.ListenerStat]:
-        """Live queue state of the known listeners."""
-        raw = self.probes.run_iterator("listener_stats") or b""
-        size = ctypes.sizeof(bpf_types.ListenerStat)
-        return [bpf_types.ListenerStat.from_buffer_copy(raw, off) for off in range(0, len(raw) - size + 1, size)]
+    def _read_listeners(self) -> list[bpf_types.Listener]:
+        """Every known listener, its live queue refreshed in the map by the
+        listener-stats iterator just before (none if that probe is off)."""
+        if self.probes.run_iterator("listener_stats") is None:
+            return []
+        return [l for _, l in self._items("listeners", ctypes.c_uint64, bpf_types.Listener)]
 
     def _read_port_use(self, port_range: tuple[int, int]) -> PortUse | None:
         """Outbound port use of this network namespace, counted by the port-use

@@ -9,6 +9,10 @@ Prints "ready <port> [<port6>]". Commands (one reply line each):
     emfile        exhaust the fd table: openat until EMFILE, then socket()
                   and accept4() fail too; reply "emfile <openat> <socket> <accept4>"
     churn N       accept and close N connections, reply "churned N"
+    fds N         open /dev/null until N fds are open (or close down to N),
+                  reply "fds N"
+    connect       open and close a loopback connection to our own listener
+                  (socket activity in this process), reply "connected"
     exit          exit with the held connections still open
 """
 
@@ -32,6 +36,7 @@ for family, addr in ((socket.AF_INET, args.v4), (socket.AF_INET6, args.v6)):
         s.listen(args.backlog)
         listeners.append(s)
 held = []
+files = []  # the fds command's /dev/null handles
 
 
 def reply(text):
@@ -113,6 +118,16 @@ for line in sys.stdin:
             conn, _ = listeners[0].accept()
             conn.close()
         reply(f"churned {n}")
+    elif cmd == "fds":
+        import os
+        while len(os.listdir("/proc/self/fd")) - 1 < n:  # listdir's own fd
+            files.append(open("/dev/null", "rb"))
+        while files and len(os.listdir("/proc/self/fd")) - 1 > n:
+            files.pop().close()
+        reply(f"fds {len(os.listdir('/proc/self/fd')) - 1}")
+    elif cmd == "connect":
+        socket.create_connection(listeners[0].getsockname()[:2]).close()
+        reply("connected")
     elif cmd == "exit":
         reply("bye")
         sys.stdout.flush()
