@@ -3,6 +3,7 @@ backlogs, accept-queue overflow drops and map hygiene under churn."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -144,9 +145,12 @@ def test_bpf_program_cost_is_exported_when_bpf_stats_is_on(start_agent, server):
     # whatever strategy each probe got here, the state changes ran, and so
     # did the programs that counted these accepts
     assert "sock_state" in ran and len(ran) >= 3, ran
+    # a run costs ns, not 100 µs (a unit error would be off by 10^9); an
+    # emulated kernel (tests/kernels/run-in-vm) runs BPF a thousand times slower
+    ceiling = 1e-1 if os.environ.get("CONNWATCH_VM_KERNEL") else 1e-4
     for program, runs in ran.items():
         seconds = m.value("connwatch_bpf_program_run_seconds_total", program=program)
-        assert seconds and 0 < seconds / runs < 1e-4, program  # a run costs ns, not 100 µs
+        assert seconds and 0 < seconds / runs < ceiling, program
     for c in clients:
         c.close()
 
