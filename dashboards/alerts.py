@@ -82,6 +82,12 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
     IPORT = '{instance="%s",port="%s"}'
     IMAP = '{instance="%s",map="%s"}'
 
+    process_connections = f'sum({m.CONNECTIONS}{{instance="%s",pid="%s"}})'
+    # per process, keeping whatever else identifies it (pod_uid): only the
+    # per-connection dimensions are summed away
+    close_wait = f"sum without (port, kind) ({m.CONNECTIONS_CLOSE_WAIT})"
+    close_wait_earlier = f"sum without (port, kind) ({m.CONNECTIONS_CLOSE_WAIT} offset {p.close_wait_window})"
+
     def fd_usage(severity: str, threshold: float) -> Alert:
         return Alert(
             "ConnwatchProcessFdUsageHigh", "process-fd-usage-high", severity,
@@ -120,6 +126,19 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             f"last {p.fd_exhaustion_lookback} it will need {VALUE} in "
             f"{p.fd_exhaustion_horizon_seconds // 60} minutes, above its soft RLIMIT_NOFILE of "
             f"{q(max_fds, 'instance', 'pid')}. Raise the limit or shed load before accept() fails with EMFILE."),
+        Alert(
+            "ConnwatchCloseWaitAccumulating", "close-wait-accumulating", "warning",
+            f"(\n  {close_wait} >= {p.close_wait_min_connections}\n)\nand\n"
+            f"(\n  {close_wait}\n  >= {close_wait_earlier}\n)",
+            p.close_wait_for,
+            "{{ $labels.comm }} does not close connections its peers closed ("
+            f"{VALUE} in CLOSE_WAIT).",
+            f"{WHO} holds {VALUE} connections in CLOSE_WAIT, of its "
+            f"{q(process_connections, 'instance', 'pid')} open ones: "
+            f"their peers closed them and the process has not (alert at {p.close_wait_min_connections} or more, "
+            f"and no fewer than {p.close_wait_window} earlier). Each keeps a file descriptor until close() "
+            f"({q(open_fds, 'instance', 'pid')} open of a soft RLIMIT_NOFILE of {q(max_fds, 'instance', 'pid')}): "
+            f"a code path that never closes loses one per departing client until accept() fails with EMFILE."),
         Alert(
             "ConnwatchListenQueueOverflow", "listen-queue-overflow", "warning",
             f"(sum by (instance, job, port) (increase({m.LISTEN_DROPS}[{p.listen_drops_window}])) > 0)\n"

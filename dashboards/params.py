@@ -46,6 +46,15 @@ class Params:
     accept_queue_for: str = "2m"
     backlog_capped_for: str = "15m"
 
+    # CLOSE_WAIT: connections the peer closed and the owning process has not. A
+    # healthy server closes within milliseconds of reading the EOF, so its count
+    # goes up and down. One that is at least `close_wait_min_connections` and
+    # no lower than `close_wait_window` earlier, for `close_wait_for`, is not
+    # being closed: a code path without close(), one fd lost per departed client.
+    close_wait_min_connections: int = 50
+    close_wait_window: str = "15m"
+    close_wait_for: str = "15m"
+
     # EADDRNOTAVAIL from connect()/bind().
     port_exhaustion_window: str = "5m"
     port_exhaustion_for: str = "0s"
