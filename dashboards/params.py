@@ -68,6 +68,21 @@ class Params:
     ephemeral_ports_for: str = "5m"
     time_wait: float = 0.80  # of tcp_max_tw_buckets
     time_wait_for: str = "5m"
+    # Orphans (sockets their process closed whose TCP close is not finished)
+    # against tcp_max_orphans. The kernel resets an orphan once orphans * 2^shift exceed
+    # the limit, shift counting "sent nothing for 2 x TCP_RTO_MAX" and "had an
+    # ICMP error" (tcp_out_of_resources): a stuck orphan is reset from a quarter
+    # of the limit on, hence thresholds far below 100 % (as netdata's).
+    tcp_orphans_warning: float = 0.25
+    tcp_orphans_critical: float = 0.50
+    tcp_orphans_for: str = "5m"
+    # TCP buffer memory against net.ipv4.tcp_mem (pages, host-wide). Above
+    # `pressure` the kernel shrinks every socket's buffers until usage is back
+    # under `min`; at `max` it refuses buffer memory and resets connections.
+    tcp_memory_pressure: float = 1.0  # of tcp_mem pressure: 1.0 = the kernel is in pressure mode
+    tcp_memory_pressure_for: str = "5m"
+    tcp_memory_max: float = 0.90  # of tcp_mem max (critical)
+    tcp_memory_max_for: str = "2m"
 
     # One peer holding more than this share of a port's connections.
     peer_share: float = 0.50

@@ -45,6 +45,8 @@ REQUIRED_ALERTS = {
     "ConnwatchAgentDown",
     "ConnwatchProbeDisabled",
     "ConnwatchCloseWaitAccumulating",  # CLOSE_WAIT growing or staying high in a process (issue 14)
+    "ConnwatchTCPOrphansHigh",  # orphans near tcp_max_orphans (issue 14)
+    "ConnwatchTCPMemoryHigh",  # TCP memory above tcp_mem pressure, near max (issue 14)
 }
 
 
@@ -86,7 +88,7 @@ def test_promtool_unit_tests_catch_a_wrong_expectation(tmp_path):
 def test_every_required_alert_exists():
     names = {r["alert"] for r in alert_rules(committed())}
     assert REQUIRED_ALERTS <= names
-    for twins in ("ConnwatchProcessFdUsageHigh",):
+    for twins in ("ConnwatchProcessFdUsageHigh", "ConnwatchTCPOrphansHigh", "ConnwatchTCPMemoryHigh"):
         severities = {r["labels"]["severity"] for r in alert_rules(committed()) if r["alert"] == twins}
         assert severities == {"warning", "critical"}, twins
 
