@@ -1,18 +1,25 @@
 """Command line: `connwatch run` (the agent), `connwatch doctor` (a diagnosis).
 
 Flags follow node_exporter's style. Every error a user can cause ends with
-one line on stderr that says what to do, and exit code 2.
+one line on stderr that says what to do, and exit code 2. Output into a pipe
+whose reader has gone (`connwatch doctor --json | head`) ends quietly, as it
+does for any Unix tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from . import __version__
 
 EXIT_USAGE = 2
+# What a shell reports for a process killed by SIGPIPE (`yes | head`), so
+# `set -o pipefail` scripts see connwatch end like any other tool.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 COMMANDS = ("run", "doctor")
@@ -139,6 +146,34 @@ def _doctor(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # what is still buffered must fail here, where it is handled, not
+            # in the interpreter's own flush at exit
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of stdout or stderr went away: stop without a word.
+
+    Python ignores SIGPIPE and raises BrokenPipeError instead of dying
+    quietly. Both streams now point at /dev/null, so that nothing written or
+    flushed on the way out can fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `connwatch --web.listen-address=...` means `connwatch run --web.listen-address=...`
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
