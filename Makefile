@@ -19,12 +19,13 @@ DEB      := $(BUILD)/deb/connwatch_$(VERSION)_$(shell dpkg --print-architecture)
 # Build tools and everything the agent and its tests run against. Run-time
 # Python dependencies come from Debian too (the venv sees system packages),
 # so the tests exercise the same versions the .deb depends on. python3-psutil
-# is only bench/scale.py's baseline, not a run-time dependency.
+# is only bench/scale.py's baseline, not a run-time dependency; tmux drives
+# `connwatch top` (python3-rich) in a real terminal in its tests.
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool make gcc libc6-dev \
 	python3 python3-venv python3-pip python3-prometheus-client python3-yaml \
-	python3-psutil python3-bcrypt python3-cheroot python3-prctl iproute2 nftables procps curl openssl \
+	python3-psutil python3-bcrypt python3-cheroot python3-prctl python3-rich iproute2 nftables procps curl openssl \
 	prometheus debootstrap lintian dpkg-dev fakeroot debhelper dh-python \
-	python3-setuptools python3-all systemd strace systemd-container
+	python3-setuptools python3-all systemd strace systemd-container tmux
 
 # What tests/kernels/run-in-vm needs to fetch Debian kernels and boot them
 # under QEMU; installed only by the kernel-test targets, so `make run` and

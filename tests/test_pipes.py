@@ -51,6 +51,21 @@ def test_an_error_line_into_a_closed_pipe_ends_quietly():
     assert result.returncode == EXIT_BROKEN_PIPE
 
 
+def test_top_once_into_a_closed_pipe_ends_quietly(agent):
+    result = run_into_closed_pipe("top", "--once", "--agent", agent.url)
+    assert result.stderr == ""
+    assert result.returncode == EXIT_BROKEN_PIPE
+
+
+def test_top_frames_piped_into_head(agent):
+    # not a terminal: a frame every 2 s until the reader is gone
+    result = subprocess.run(["bash", "-c", f"set -o pipefail; {CONNWATCH} top --agent {agent.url} | head -n 1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.startswith(f"connwatch top  {agent.url}  ")
+    assert result.stderr == ""
+    assert result.returncode == EXIT_BROKEN_PIPE
+
+
 def test_doctor_json_piped_into_head():
     result = subprocess.run(["bash", "-c", f"set -o pipefail; {CONNWATCH} doctor --json | head -n 3"],
                             capture_output=True, text=True, timeout=120)
