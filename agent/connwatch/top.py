@@ -370,12 +370,11 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
-def _level(value: float | None, warning: float, critical: float | None = None) -> str:
-    if value is None:
+def _level(value: float | None, warning: float, critical: float) -> str:
+    """The colour of a usage: none, yellow from `warning`, red from `critical`."""
+    if value is None or value < warning:
         return ""
-    if critical is not None and value >= critical:
-        return "bold red"
-    return "yellow" if value >= warning else ""
+    return "bold red" if value >= critical else "yellow"
 
 
 def _table(title: str) -> Table:
