@@ -1,5 +1,6 @@
-# connwatch — the two set-up commands are `make run` and `make test`; both
-# install everything they need (as root, on Debian 12 / Ubuntu) first.
+# connwatch — the set-up commands are `make install`, `make run` and
+# `make test`; each installs everything it needs (as root, on Debian 12 /
+# Ubuntu) first.
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := run
@@ -13,18 +14,25 @@ MULTIARCH := $(shell gcc -print-multiarch 2>/dev/null || echo $$(uname -m)-linux
 ARGS     ?=
 VERSION  := $(shell sed -n 's/^__version__ = "\(.*\)"$$/\1/p' agent/connwatch/__init__.py)
 DEB      := $(BUILD)/deb/connwatch_$(VERSION)_$(shell dpkg --print-architecture).deb
+PREFIX   ?= /usr/local
+# Outside the checkout, shared by every checkout on the host: the packaging
+# tests' debootstrapped bookworm and .debs (tests/packaging/cwpkg.py), the
+# Debian kernels the VM tests boot (tests/kernels/run-in-vm).
+TEST_CACHE   := $(or $(CONNWATCH_TEST_CACHE),/var/cache/connwatch-test)
+KERNEL_CACHE := /var/cache/connwatch/kernels
 
 # Node.js and npm are taken from the machine when present (the Debian
 # packages conflict with other distributions of Node) and from Debian if not.
 # Build tools and everything the agent and its tests run against. Run-time
 # Python dependencies come from Debian too (the venv sees system packages),
 # so the tests exercise the same versions the .deb depends on. python3-psutil
-# is only bench/scale.py's baseline, not a run-time dependency.
+# is only bench/scale.py's baseline, not a run-time dependency; tmux drives
+# `connwatch top` (python3-rich) in a real terminal in its tests.
 APT_PACKAGES := clang llvm libbpf-dev libbpf1 bpftool make gcc libc6-dev \
 	python3 python3-venv python3-pip python3-prometheus-client python3-yaml \
-	python3-psutil python3-bcrypt python3-cheroot python3-prctl iproute2 nftables procps curl openssl \
+	python3-psutil python3-bcrypt python3-cheroot python3-prctl python3-rich iproute2 nftables procps curl openssl \
 	prometheus debootstrap lintian dpkg-dev fakeroot debhelper dh-python \
-	python3-setuptools python3-all systemd strace systemd-container
+	python3-setuptools python3-all systemd strace systemd-container tmux
 
 # What tests/kernels/run-in-vm needs to fetch Debian kernels and boot them
 # under QEMU; installed only by the kernel-test targets, so `make run` and
@@ -43,7 +51,7 @@ KERNEL_TESTS ?= tests/kernels/guest_checks.py
 IMAGE_APT_PACKAGES := buildah podman runc
 
 .PHONY: run test deps apt apt-image venv bpf node dashboards check-dashboards deb \
-	image test-packaging bench soak clean apt-kernel-tests kernels test-kernels
+	image test-packaging bench soak clean clean-cache apt-kernel-tests kernels test-kernels install
 
 run: deps
 	$(VENV)/bin/connwatch run $(ARGS)
@@ -52,6 +60,12 @@ test: deps apt-image
 	$(PY) -m pytest tests $(ARGS)
 
 deps: apt venv bpf node
+
+# `connwatch` on PATH: a link to the virtualenv's entry point, so the
+# checkout stays what runs (`make clean` removes the link with the venv).
+install: deps
+	install -d $(PREFIX)/bin
+	ln -sfn $(CURDIR)/$(VENV)/bin/connwatch $(PREFIX)/bin/connwatch
 
 # $(call apt_install,PACKAGES[,SHELL]): install what is missing of PACKAGES;
 # SHELL may add more to $$missing
@@ -142,5 +156,22 @@ test-kernels: deps kernels
 	$(PY) -m pytest -p no:cacheprovider tests/kernels/vm_runner_checks.py
 	tests/kernels/matrix $(KERNELS) -- $(KERNEL_TESTS)
 
+# Everything the build and the tests leave in the checkout, and the link of
+# `make install` if it points here. The caches outside: `make clean-cache`.
 clean:
-	rm -rf $(BUILD) $(BPF_OBJ) $(VENV) tests/node/node_modules
+	rm -rf $(BUILD) $(BPF_OBJ) $(VENV) tests/node/node_modules agent/connwatch.egg-info .pytest_cache .hypothesis
+	find agent bench dashboards packaging tests -name __pycache__ -type d -prune -exec rm -rf {} +
+	if [ "$$(readlink $(PREFIX)/bin/connwatch)" = "$(CURDIR)/$(VENV)/bin/connwatch" ]; then \
+		rm $(PREFIX)/bin/connwatch; fi
+
+# The caches `make test` and `make test-kernels` leave outside the checkout,
+# and the container images (the connwatch images before the base they are
+# built on; images a container still uses stay).
+clean-cache:
+	rm -rf $(TEST_CACHE) $(KERNEL_CACHE)
+	if [ -d $(dir $(KERNEL_CACHE)) ]; then rmdir --ignore-fail-on-non-empty $(dir $(KERNEL_CACHE)); fi
+	if command -v podman >/dev/null; then \
+		podman rmi --ignore localhost/connwatch:test localhost/connwatch:$(VERSION) && \
+		base=$$(podman images --format '{{.Repository}}:{{.Tag}}' localhost/connwatch-base) && \
+		if [ -n "$$base" ]; then podman rmi --ignore $$base; fi; \
+	fi

@@ -82,6 +82,12 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
     IPORT = '{instance="%s",port="%s"}'
     IMAP = '{instance="%s",map="%s"}'
 
+    process_connections = f'sum({m.CONNECTIONS}{{instance="%s",pid="%s"}})'
+    # per process, keeping whatever else identifies it (pod_uid): only the
+    # per-connection dimensions are summed away
+    close_wait = f"sum without (port, kind) ({m.CONNECTIONS_CLOSE_WAIT})"
+    close_wait_earlier = f"sum without (port, kind) ({m.CONNECTIONS_CLOSE_WAIT} offset {p.close_wait_window})"
+
     def fd_usage(severity: str, threshold: float) -> Alert:
         return Alert(
             "ConnwatchProcessFdUsageHigh", "process-fd-usage-high", severity,
@@ -92,6 +98,36 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             f"{{{{ $value | humanizePercentage }}}} of its soft RLIMIT_NOFILE of {q(max_fds, 'instance', 'pid')} "
             f"(alert above {pct(threshold)}). Every connection holds one; at the limit accept() fails with "
             f"EMFILE and new clients are dropped.")
+
+    def tcp_orphans(severity: str, threshold: float) -> Alert:
+        return Alert(
+            "ConnwatchTCPOrphansHigh", "tcp-orphans-high", severity,
+            f"{m.SYSTEM_ORPHANS} / ({m.SYSTEM_ORPHANS_LIMIT} > 0) > {threshold:g}",
+            p.tcp_orphans_for,
+            "Orphaned TCP sockets of {{ $labels.instance }} reach {{ $value | humanizePercentage }} of "
+            "tcp_max_orphans.",
+            f"{{{{ $labels.instance }}}} has {q(m.SYSTEM_ORPHANS + I, 'instance')} orphaned TCP sockets "
+            f"(closed by their process, still finishing the close with their peer), "
+            f"{{{{ $value | humanizePercentage }}}} of net.ipv4.tcp_max_orphans "
+            f"{q(m.SYSTEM_ORPHANS_LIMIT + I, 'instance')} (alert above {pct(threshold)}). The kernel counts an "
+            f"orphan whose peer has gone silent up to 4 times against the limit and resets it when over "
+            f'("too many orphaned sockets"): the peer loses the end of the data.')
+
+    def tcp_mem(threshold: str) -> str:
+        return f'{m.SYSTEM_TCP_MEMORY_LIMIT}{{instance="%s",threshold="{threshold}"}}'
+
+    def tcp_memory(severity: str, threshold: str, share: float, for_: str, consequence: str) -> Alert:
+        return Alert(
+            "ConnwatchTCPMemoryHigh", "tcp-memory-high", severity,
+            f"{m.SYSTEM_TCP_MEMORY}\n  / on(instance, job)\n"
+            f'({m.SYSTEM_TCP_MEMORY_LIMIT}{{threshold="{threshold}"}} > 0)\n> {share:g}',
+            for_,
+            f"TCP buffers of {{{{ $labels.instance }}}} use {{{{ $value | humanizePercentage }}}} of "
+            f"tcp_mem {threshold}.",
+            f"{{{{ $labels.instance }}}} has {q(m.SYSTEM_TCP_MEMORY + I, 'instance')} pages allocated to TCP "
+            f"socket buffers, {{{{ $value | humanizePercentage }}}} of net.ipv4.tcp_mem's {threshold} threshold "
+            f"(alert above {pct(share)}; tcp_mem min/pressure/max: {q(tcp_mem('min'), 'instance')}/"
+            f"{q(tcp_mem('pressure'), 'instance')}/{q(tcp_mem('max'), 'instance')} pages). {consequence}")
 
     return [
         fd_usage("warning", p.fd_usage_warning),
@@ -120,6 +156,19 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             f"last {p.fd_exhaustion_lookback} it will need {VALUE} in "
             f"{p.fd_exhaustion_horizon_seconds // 60} minutes, above its soft RLIMIT_NOFILE of "
             f"{q(max_fds, 'instance', 'pid')}. Raise the limit or shed load before accept() fails with EMFILE."),
+        Alert(
+            "ConnwatchCloseWaitAccumulating", "close-wait-accumulating", "warning",
+            f"(\n  {close_wait} >= {p.close_wait_min_connections}\n)\nand\n"
+            f"(\n  {close_wait}\n  >= {close_wait_earlier}\n)",
+            p.close_wait_for,
+            "{{ $labels.comm }} does not close connections its peers closed ("
+            f"{VALUE} in CLOSE_WAIT).",
+            f"{WHO} holds {VALUE} connections in CLOSE_WAIT, of its "
+            f"{q(process_connections, 'instance', 'pid')} open ones: "
+            f"their peers closed them and the process has not (alert at {p.close_wait_min_connections} or more, "
+            f"and no fewer than {p.close_wait_window} earlier). Each keeps a file descriptor until close() "
+            f"({q(open_fds, 'instance', 'pid')} open of a soft RLIMIT_NOFILE of {q(max_fds, 'instance', 'pid')}): "
+            f"a code path that never closes loses one per departing client until accept() fails with EMFILE."),
         Alert(
             "ConnwatchListenQueueOverflow", "listen-queue-overflow", "warning",
             f"(sum by (instance, job, port) (increase({m.LISTEN_DROPS}[{p.listen_drops_window}])) > 0)\n"
@@ -197,6 +246,14 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             f"TIME_WAIT, {{{{ $value | humanizePercentage }}}} of net.ipv4.tcp_max_tw_buckets "
             f"{q(m.SYSTEM_TIME_WAIT_LIMIT + I, 'instance')} (alert above {pct(p.time_wait)}). "
             f'Beyond it the kernel destroys TIME_WAIT sockets early ("time wait bucket table overflow").'),
+        tcp_orphans("warning", p.tcp_orphans_warning),
+        tcp_orphans("critical", p.tcp_orphans_critical),
+        tcp_memory("warning", "pressure", p.tcp_memory_pressure, p.tcp_memory_pressure_for,
+                   "The kernel is in memory-pressure mode: it shrinks every socket's buffers until usage is back "
+                   "under min, so each connection's throughput drops."),
+        tcp_memory("critical", "max", p.tcp_memory_max, p.tcp_memory_max_for,
+                   "At max the kernel refuses buffer memory: sends and receives stall and orphans are reset "
+                   '("out of memory -- consider tuning tcp_mem").'),
         Alert(
             "ConnwatchPeerConnectionShareHigh", "peer-connection-share-high", "warning",
             f"(\n  {m.PEER_CONNECTIONS}\n  / on(instance, job, port) group_left()\n"

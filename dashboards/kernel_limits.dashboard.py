@@ -20,7 +20,9 @@ def build(p: Params = DEFAULT):
         "Usage of each kernel limit",
         "Usage as a share of the limit that bounds it, per host. The alerts fire at "
         f"{p.system_open_files:.0%} (files), {p.conntrack:.0%} (conntrack), {p.ephemeral_ports:.0%} "
-        f"(ports) and {p.time_wait:.0%} (TIME_WAIT).",
+        f"(ports), {p.time_wait:.0%} (TIME_WAIT), {p.tcp_orphans_warning:.0%} and {p.tcp_orphans_critical:.0%} "
+        f"(orphans: the kernel counts a stuck orphan up to 4 times) and {p.tcp_memory_pressure:.0%} of "
+        "tcp_mem pressure (TCP memory).",
         [target(ratio(m.SYSTEM_OPEN_FILES, m.SYSTEM_OPEN_FILES_LIMIT), "{{instance}} open files / fs.file-max"),
          target(ratio(m.SYSTEM_CONNTRACK_ENTRIES, m.SYSTEM_CONNTRACK_LIMIT),
                 "{{instance}} conntrack / nf_conntrack_max"),
@@ -64,13 +66,16 @@ def build(p: Params = DEFAULT):
          target(sel(m.SYSTEM_TIME_WAIT_LIMIT, INSTANCE), "{{instance}} tcp_max_tw_buckets limit")],
         "short", limits=True), w=8)
     lay.add(timeseries(
-        "Orphans vs tcp_max_orphans", "Sockets no process holds any more against tcp_max_orphans (dashed).",
+        "Orphans vs tcp_max_orphans", "Sockets no process holds any more against tcp_max_orphans (dashed). "
+        "An orphan whose peer is silent counts up to 4 times against the limit, so resets start from a quarter "
+        f"of it (alerts at {p.tcp_orphans_warning:.0%} and {p.tcp_orphans_critical:.0%}).",
         [target(sel(m.SYSTEM_ORPHANS, INSTANCE), "{{instance}} orphans"),
          target(sel(m.SYSTEM_ORPHANS_LIMIT, INSTANCE), "{{instance}} tcp_max_orphans limit")],
         "short", limits=True), w=8)
     lay.add(timeseries(
         "TCP memory vs tcp_mem", "Memory allocated to TCP buffers against the tcp_mem thresholds (dashed): "
-        "above pressure the kernel shrinks buffers, above max it drops.",
+        "above pressure the kernel shrinks buffers, above max it drops (alerts above pressure and at "
+        f"{p.tcp_memory_max:.0%} of max).",
         [target(f"{sel(m.SYSTEM_TCP_MEMORY, INSTANCE)} * on(instance, job) group_left() "
                 f"{sel(m.SYSTEM_PAGE_SIZE, INSTANCE)}", "{{instance}} TCP memory"),
          target(f"{sel(m.SYSTEM_TCP_MEMORY_LIMIT, INSTANCE)} * on(instance, job) group_left() "

@@ -8,6 +8,7 @@ tests/test_alerts.py check every query against it.
 
 # --- agent core (issue 2) -----------------------------------------------------
 CONNECTIONS = "connwatch_connections"  # {pid,comm,container,port,kind}
+CONNECTIONS_CLOSE_WAIT = "connwatch_connections_close_wait"  # {pid,comm,container,port,kind} of those, CLOSE_WAIT
 ACCEPTED = "connwatch_connections_accepted_total"  # {pid,comm,container,port}
 CLOSED = "connwatch_connections_closed_total"  # {pid,comm,container,port}
 FD_ALLOC_FAILURES = "connwatch_fd_alloc_failures_total"  # {pid,comm,container,syscall,errno}

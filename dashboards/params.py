@@ -46,6 +46,15 @@ class Params:
     accept_queue_for: str = "2m"
     backlog_capped_for: str = "15m"
 
+    # CLOSE_WAIT: connections the peer closed and the owning process has not. A
+    # healthy server closes within milliseconds of reading the EOF, so its count
+    # goes up and down. One that is at least `close_wait_min_connections` and
+    # no lower than `close_wait_window` earlier, for `close_wait_for`, is not
+    # being closed: a code path without close(), one fd lost per departed client.
+    close_wait_min_connections: int = 50
+    close_wait_window: str = "15m"
+    close_wait_for: str = "15m"
+
     # EADDRNOTAVAIL from connect()/bind().
     port_exhaustion_window: str = "5m"
     port_exhaustion_for: str = "0s"
@@ -59,6 +68,21 @@ class Params:
     ephemeral_ports_for: str = "5m"
     time_wait: float = 0.80  # of tcp_max_tw_buckets
     time_wait_for: str = "5m"
+    # Orphans (sockets their process closed whose TCP close is not finished)
+    # against tcp_max_orphans. The kernel resets an orphan once orphans * 2^shift exceed
+    # the limit, shift counting "sent nothing for 2 x TCP_RTO_MAX" and "had an
+    # ICMP error" (tcp_out_of_resources): a stuck orphan is reset from a quarter
+    # of the limit on, hence thresholds far below 100 % (as netdata's).
+    tcp_orphans_warning: float = 0.25
+    tcp_orphans_critical: float = 0.50
+    tcp_orphans_for: str = "5m"
+    # TCP buffer memory against net.ipv4.tcp_mem (pages, host-wide). Above
+    # `pressure` the kernel shrinks every socket's buffers until usage is back
+    # under `min`; at `max` it refuses buffer memory and resets connections.
+    tcp_memory_pressure: float = 1.0  # of tcp_mem pressure: 1.0 = the kernel is in pressure mode
+    tcp_memory_pressure_for: str = "5m"
+    tcp_memory_max: float = 0.90  # of tcp_mem max (critical)
+    tcp_memory_max_for: str = "2m"
 
     # One peer holding more than this share of a port's connections.
     peer_share: float = 0.50

@@ -40,12 +40,20 @@ def build(p: Params = DEFAULT):
     lay.row("Connections and file descriptors")
     lay.add(timeseries(
         "Connections by port and kind", "Open connections of the process per local port and kind.",
-        [target(f"sum by (pid, port, kind) ({conns})", "{{pid}} :{{port}} {{kind}}")], "short", stack=True), w=12)
+        [target(f"sum by (pid, port, kind) ({conns})", "{{pid}} :{{port}} {{kind}}")], "short", stack=True), w=8)
+    lay.add(timeseries(
+        "CLOSE_WAIT by port",
+        "Of those, connections the peer has closed and the process has not (CLOSE_WAIT). A healthy server "
+        "closes within milliseconds, so this stays near 0; a line that only climbs is a missing close(), one "
+        f"fd lost per departed client (the alert: {p.close_wait_min_connections} or more in the process, not "
+        f"falling over {p.close_wait_window}).",
+        [target(f"sum by (pid, port) ({sel(m.CONNECTIONS_CLOSE_WAIT, *proc, PORT)})", "{{pid}} :{{port}}")],
+        "short", thresholds=[(None, "green"), (p.close_wait_min_connections, "orange")]), w=8)
     lay.add(timeseries(
         "Accepted and closed per second", "Connection churn per local port.",
         [target(f"sum by (port) (rate({sel(m.ACCEPTED, *proc, PORT)}{RATE}))", "accepted :{{port}}"),
          target(f"sum by (port) (rate({sel(m.CLOSED, *proc, PORT)}{RATE}))", "closed :{{port}}")],
-        "cps"), w=12)
+        "cps"), w=8)
     lay.add(timeseries(
         "File descriptors vs soft limit", "Open fds against the soft RLIMIT_NOFILE (dashed).",
         [target(f"sum by (pid, comm) ({open_fds})", "{{comm}} ({{pid}}) open fds"),

@@ -70,6 +70,26 @@ def close_ends_the_server_closed(clients: list[socket.socket], n: int) -> list[s
     return [c for c in clients if c not in done]
 
 
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_ca(d: Path, name: str) -> None:
+    """d/name.crt and d/name.key: a self-signed CA for two days."""
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}", cwd=d)
+
+
+def make_cert(d: Path, name: str, ca: str, san: str | None = None, usage: str = "serverAuth") -> None:
+    """d/name.crt and d/name.key, signed by the CA d/ca.crt."""
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
+    ext = f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else "")
+    (d / f"{name}.ext").write_text(ext)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
+
+
 class Metrics:
     """One parsed scrape."""
 

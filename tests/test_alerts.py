@@ -44,6 +44,9 @@ REQUIRED_ALERTS = {
     "ConnwatchProcessFdExhaustionPredicted",  # predict_linear within an hour
     "ConnwatchAgentDown",
     "ConnwatchProbeDisabled",
+    "ConnwatchCloseWaitAccumulating",  # CLOSE_WAIT growing or staying high in a process (issue 14)
+    "ConnwatchTCPOrphansHigh",  # orphans near tcp_max_orphans (issue 14)
+    "ConnwatchTCPMemoryHigh",  # TCP memory above tcp_mem pressure, near max (issue 14)
 }
 
 
@@ -85,9 +88,9 @@ def test_promtool_unit_tests_catch_a_wrong_expectation(tmp_path):
 def test_every_required_alert_exists():
     names = {r["alert"] for r in alert_rules(committed())}
     assert REQUIRED_ALERTS <= names
-    severities = {r["labels"]["severity"] for r in alert_rules(committed())
-                  if r["alert"] == "ConnwatchProcessFdUsageHigh"}
-    assert severities == {"warning", "critical"}
+    for twins in ("ConnwatchProcessFdUsageHigh", "ConnwatchTCPOrphansHigh", "ConnwatchTCPMemoryHigh"):
+        severities = {r["labels"]["severity"] for r in alert_rules(committed()) if r["alert"] == twins}
+        assert severities == {"warning", "critical"}, twins
 
 
 def test_every_alert_is_unit_tested_firing_and_silent():

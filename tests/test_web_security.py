@@ -25,7 +25,7 @@ import requests
 from prometheus_client import Gauge
 from prometheus_client.registry import CollectorRegistry
 
-from conftest import stop_process
+from conftest import make_ca, make_cert, stop_process
 from connwatch import web, webconfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,32 +36,14 @@ OTHER_USER, OTHER_PASSWORD = "grafana", "s3cret:with:colons"
 pytestmark = pytest.mark.skipif(not shutil.which("openssl"), reason="openssl(1) not installed")
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
-
-
-def _make_cert(d: Path, name: str, ca: str, san: str | None = None, usage: str = "serverAuth") -> None:
-    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=d)
-    ext = f"extendedKeyUsage={usage}\n" + (f"subjectAltName={san}\n" if san else "")
-    (d / f"{name}.ext").write_text(ext)
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
-             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext", cwd=d)
-
-
-def _make_ca(d: Path, name: str) -> None:
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-             "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}", cwd=d)
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    _make_ca(d, "ca")
-    _make_ca(d, "rogue-ca")
-    _make_cert(d, "server", "ca", san="IP:127.0.0.1,DNS:localhost")
-    _make_cert(d, "client", "ca", usage="clientAuth")
-    _make_cert(d, "rogue-client", "rogue-ca", usage="clientAuth")
+    make_ca(d, "ca")
+    make_ca(d, "rogue-ca")
+    make_cert(d, "server", "ca", san="IP:127.0.0.1,DNS:localhost")
+    make_cert(d, "client", "ca", usage="clientAuth")
+    make_cert(d, "rogue-client", "rogue-ca", usage="clientAuth")
     return d
 
 
@@ -319,7 +301,7 @@ def test_rotated_certificate_is_picked_up_without_restart(pki, tmp_path, caplog)
     and a half-written pair keeps the previous one in service."""
     from conftest import wait_for
 
-    _make_cert(pki, "server2", "ca", san="IP:127.0.0.1")
+    make_cert(pki, "server2", "ca", san="IP:127.0.0.1")
     for src, dst in (("server.crt", "tls.crt"), ("server.key", "tls.key")):
         shutil.copy(pki / src, tmp_path / dst)
     (tmp_path / "web.yml").write_text("tls_server_config:\n  cert_file: tls.crt\n  key_file: tls.key\n")

@@ -1,21 +1,32 @@
-"""Command line: `connwatch run` (the agent), `connwatch doctor` (a diagnosis).
+"""Command line: `connwatch run` (the agent), `connwatch doctor` (a diagnosis),
+`connwatch top` (a live view of a running agent).
 
 Flags follow node_exporter's style. Every error a user can cause ends with
-one line on stderr that says what to do, and exit code 2.
+one line on stderr that says what to do, and exit code 2. Output into a pipe
+whose reader has gone (`connwatch doctor --json | head`) ends quietly, as it
+does for any Unix tool killed by SIGPIPE.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import signal
 import sys
 
 from . import __version__
 
 EXIT_USAGE = 2
+# What a shell reports for a process killed by SIGPIPE (`yes | head`), so
+# `set -o pipefail` scripts see connwatch end like any other tool.
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
-
-COMMANDS = ("run", "doctor")
+COMMANDS = ("run", "doctor", "top")
+DEFAULT_TOP_AGENT = "http://localhost:9476/metrics"
+# where `connwatch top` takes the basic-auth password from (never a flag:
+# every user on the host can read a command line)
+BASIC_AUTH_PASSWORD_ENV = "CONNWATCH_BASIC_AUTH_PASSWORD"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +45,7 @@ def _one_line(message: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="connwatch", description="eBPF connection-capacity agent for Prometheus.")
     p.add_argument("--version", action="version", version=f"connwatch {__version__}")
-    sub = p.add_subparsers(dest="command", metavar="{run,doctor}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{run,doctor,top}", parser_class=_Parser)
 
     run = sub.add_parser("run", help="attach the probes and serve Prometheus metrics (default)")
     run.add_argument("--web.listen-address", dest="listen_address", default=":9476",
@@ -52,6 +63,24 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--target-connections", type=int, default=100000, metavar="N",
                         help="connections the host should hold (default 100000)")
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+
+    top = sub.add_parser("top", help="live view of a running agent: who is nearest a limit (no privileges needed)")
+    top.add_argument("--agent", default=DEFAULT_TOP_AGENT, metavar="URL",
+                     help=f"the agent's metrics URL; host:port will do (default {DEFAULT_TOP_AGENT})")
+    top.add_argument("--once", action="store_true", help="print one frame and exit")
+    top.add_argument("--web.tls-ca", dest="tls_ca", metavar="FILE",
+                     help="CA certificates to verify the agent's certificate with (default: the system's)")
+    top.add_argument("--web.tls-cert", dest="tls_cert", metavar="FILE",
+                     help="client certificate, for an agent whose web config verifies them")
+    top.add_argument("--web.tls-key", dest="tls_key", metavar="FILE",
+                     help="the client certificate's key (default: in the --web.tls-cert file)")
+    top.add_argument("--web.tls-insecure-skip-verify", dest="tls_insecure_skip_verify", action="store_true",
+                     help="do not verify the agent's certificate")
+    top.add_argument("--web.basic-auth-user", dest="basic_auth_user", metavar="USER",
+                     help=f"basic auth user; the password is read from ${BASIC_AUTH_PASSWORD_ENV} or "
+                          "--web.basic-auth-password-file")
+    top.add_argument("--web.basic-auth-password-file", dest="basic_auth_password_file", metavar="FILE",
+                     help="file holding the basic auth password (trimmed, like Prometheus' password_file)")
     return p
 
 
@@ -138,7 +167,49 @@ def _doctor(args) -> int:
     return doctor.main(args.target_connections, as_json=args.json)
 
 
+def _top(args) -> int:
+    from . import top  # rich only for this command: the agent does not carry it
+
+    try:
+        url = top.agent_url(args.agent)
+        agent = top.Agent(
+            url, top.tls_context(url, args.tls_ca, args.tls_cert, args.tls_key, args.tls_insecure_skip_verify),
+            client_cert=bool(args.tls_cert),
+            authorization=top.basic_auth(args.basic_auth_user, args.basic_auth_password_file))
+        return top.run(agent, once=args.once)
+    except top.TopError as e:
+        return _fail(str(e))
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            # what is still buffered must fail here, where it is handled, not
+            # in the interpreter's own flush at exit
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        return _reader_gone()
+
+
+def _reader_gone() -> int:
+    """The reader of stdout or stderr went away: stop without a word.
+
+    Python ignores SIGPIPE and raises BrokenPipeError instead of dying
+    quietly. Both streams now point at /dev/null, so that nothing written or
+    flushed on the way out can fail again.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `connwatch --web.listen-address=...` means `connwatch run --web.listen-address=...`
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version")):
@@ -146,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "doctor":
         return _doctor(args)
+    if args.command == "top":
+        return _top(args)
     return _run(args)
 
 

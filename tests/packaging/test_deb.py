@@ -38,6 +38,7 @@ DEBIAN_NAMES = {
     "pyyaml": "python3-yaml",
     "bcrypt": "python3-bcrypt",
     "cheroot": "python3-cheroot",
+    "rich": "python3-rich",
     "python-prctl": "python3-prctl",
 }
 
