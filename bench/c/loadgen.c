@@ -28,8 +28,9 @@
  *       SRC_IP and writes one byte on each, the server accepts each and reads
  *       its byte (the connection's first I/O is in the accepting process);
  *       "close" -> the server closes every connection, the client reads each
- *       FIN and closes with an RST (no TIME_WAIT). Answers "opened N S" /
- *       "closed N S" (S: seconds the phase took). Exits on EOF.
+ *       FIN and closes with an RST (no TIME_WAIT). Prints "ready PORT" once
+ *       the server listens, then answers "opened N S" / "closed N S" (S:
+ *       seconds the step took). Exits on EOF.
  *   loadgen hold-server MAX [PORT_LO PORT_HI]
  *       Listens on 127.0.0.1 (first free port of the range, else any port),
  *       prints "port P", then accepts and keeps up
@@ -724,6 +725,7 @@ static int cmd_accept_phases(int argc, char **argv)
 	}
 	if (read(done[0], &port, sizeof(port)) != sizeof(port))
 		die("server port");
+	printf("ready %d\n", port); /* the server listens: nothing more happens until "open" */
 	while (fgets(line, sizeof(line), stdin)) {
 		double t0 = now();
 		char op = line[0], ack;

@@ -1,0 +1,147 @@
+"""WebSocket echo throughput with and without the agent (issue 12 item 5).
+
+The workload connwatch exists for: a WebSocket server, one process, 32
+connections, each ping-ponging one 64-byte binary message at a time with a
+load generator (`loadgen ws-echo`, C, RFC 6455 framing over plain TCP,
+every echo checked). Two servers: Node's `ws` and Python's `websockets`
+(bench/servers/). The server is the bottleneck by construction (one
+single-threaded process against a C client that needs a few microseconds
+per message); every phase records both processes' CPU so that is checked,
+not assumed.
+
+Each server runs for the whole benchmark (its JIT and allocator warm);
+every phase opens 32 fresh connections, so the agent under test sees their
+handshakes and upgrades and the phase measures its steady state after
+classification. Paired rounds (bench/paired.py) of: nothing attached, the
+agent as installed, the agent with `syscall_tracing: always`.
+
+Then, in a separate phase with kernel.bpf_stats_enabled=1 (it adds clock
+reads to every BPF run, so it never overlaps the throughput rounds): the BPF
+time each agent program spends per echoed message, and the same load with
+only an empty `sock_send_length` + `sock_recv_length` pair attached, whose
+ns per run is the floor of any program on those hooks.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+from . import common as C
+from . import noise, paired
+from .overhead import agent_config, agent_rows
+from .paired import ALWAYS_AGENT, DEFAULT_AGENT, NOTHING, Condition, Rounds
+
+CONDITIONS = [NOTHING, DEFAULT_AGENT, ALWAYS_AGENT]
+EMPTY_SEND_RECV = Condition("empty_send_recv", "empty tp_btf/sock_send_length + sock_recv_length programs",
+                            programs=frozenset({"bench_empty_send", "bench_empty_recv"}))
+# connwatch's programs on the send/recv tracepoints and their empty twins
+SEND_RECV_TWINS = {"sock_send": "bench_empty_send", "sock_recv": "bench_empty_recv"}
+# a generator busier than this (cores) may be what limits the rate
+GENERATOR_HEADROOM_LIMIT = 0.9
+
+
+@dataclass(frozen=True)
+class ServerKind:
+    name: str
+    label: str
+    argv: tuple[str, ...]
+    env: dict
+
+
+SERVERS = {
+    "node": ServerKind("node", "Node ws", ("node", str(C.ROOT / "bench" / "servers" / "ws_echo.js")),
+                       {"NODE_PATH": str(C.ROOT / "tests" / "node" / "node_modules")}),
+    "python": ServerKind("python", "Python websockets",
+                         (sys.executable, str(C.ROOT / "bench" / "servers" / "ws_echo.py")), {}),
+}
+
+
+class EchoServer(C.LineProcess):
+    def __init__(self, kind: ServerKind):
+        super().__init__(kind.argv, env=kind.env, what=f"{kind.label} echo server")
+        _, port, pid = self.expect("ready")
+        self.port, self.server_pid = int(port), int(pid)
+
+
+def _echo(profile, server: EchoServer, warmup: float, seconds: float) -> dict:
+    res = C.loadgen("ws-echo", server.port, profile.ws_connections, profile.ws_message_bytes, warmup, seconds,
+                    server.server_pid)
+    res["gen_cores"] = res["gen_cpu_s"] / res["seconds"]
+    res["server_cores"] = res["server_cpu_s"] / res["seconds"]
+    res["server_cpu_us_per_msg"] = res["server_cpu_s"] * 1e6 / max(res["msgs"], 1)
+    res["other_cpu_cores"] = (res["cpu_busy_s"] - res["gen_cpu_s"] - res["server_cpu_s"]) / res["seconds"]
+    return res
+
+
+def _summary(rounds: Rounds) -> dict:
+    conds = rounds.conditions
+    out = {"rounds": rounds.to_json(),
+           "foreign_max": max((p.foreign for p in rounds.phases), default=0)}
+    for c in conds:
+        row = {k: C.summary(rounds.values(c.name, k))
+               for k in ("rate", "server_cores", "gen_cores", "server_cpu_us_per_msg", "other_cpu_cores")}
+        if not c.is_baseline:
+            row["ratio"] = C.summary(rounds.ratios(c.name, "rate"))
+            row["server_cpu_ratio"] = C.summary(rounds.ratios(c.name, "server_cpu_us_per_msg"))
+            row.update(agent_rows(rounds, c.name))
+        out[c.name] = row
+    out["generator_max_cores"] = max(p.result["gen_cores"] for p in rounds.phases)
+    return out
+
+
+def _stats(attached: paired.Attached) -> dict[str, C.ProgramStats]:
+    return attached.agent.program_stats() if attached.agent else attached.bpf.run_stats()
+
+
+def _bpf_phase(profile, server: EchoServer) -> dict:
+    """BPF ns per echoed message: each agent configuration, then the empty pair."""
+    out = {}
+    for cond in (DEFAULT_AGENT, ALWAYS_AGENT, EMPTY_SEND_RECV):
+        attached = paired.Attached.attach(cond, agent_config(profile))
+        try:
+            noise.wait_quiet(profile.quiet_wait, attached.pids)
+            before = _stats(attached)
+            res = _echo(profile, server, profile.warmup, profile.ws_seconds)
+            t_end = time.time()
+            delta = C.stats_delta(before, _stats(attached))
+            msgs = res["msgs_total"]  # the stats cover the warm-up too
+            progs = {p: {"runs": d.runs, "ns_per_run": d.ns_per_run, "runs_per_msg": d.runs / msgs,
+                         "ns_per_msg": d.run_ns / msgs} for p, d in sorted(delta.items()) if d.runs}
+            row = {"msgs": msgs, "rate": res["rate"], "programs": progs,
+                   "bpf_ns_per_msg": sum(d.run_ns for d in delta.values()) / msgs}
+            if attached.agent:
+                # what the agent exports (connwatch_bpf_program_*), cumulative since
+                # its start: at least what was measured directly
+                m = attached.agent.metrics_after(t_end)
+                row["exported_runs"] = {lab["program"]: v for n, lab, v in m
+                                        if n == "connwatch_bpf_program_runs_total"}
+                row["hook_armed"] = attached.agent.hook_armed(m)
+            out[cond.name] = row
+        finally:
+            attached.close()
+    empty = out[EMPTY_SEND_RECV.name]["programs"]
+    agent = out[DEFAULT_AGENT.name]["programs"]
+    out["excess_ns_per_run"] = {p: agent[p]["ns_per_run"] - empty[twin]["ns_per_run"]
+                                for p, twin in SEND_RECV_TWINS.items() if p in agent and twin in empty}
+    return out
+
+
+def ws(profile) -> dict:
+    out = {"connections": profile.ws_connections, "message_bytes": profile.ws_message_bytes}
+    for name in profile.ws_servers:
+        kind = SERVERS[name]
+        server = EchoServer(kind)
+        try:
+            _echo(profile, server, 0, profile.ws_server_warmup)  # JIT, allocator, caches
+            rounds = paired.run(profile, CONDITIONS, profile.ws_rounds,
+                                lambda _a: _echo(profile, server, profile.warmup, profile.ws_seconds),
+                                f"ws {name}", agent_config(profile))
+            out[name] = _summary(rounds)
+            out[name]["label"] = kind.label
+            with C.sysctl("kernel.bpf_stats_enabled", "1"):
+                out[name]["bpf"] = _bpf_phase(profile, server)
+        finally:
+            server.stop()
+    return out
