@@ -62,6 +62,7 @@ class Profile:
     ws_rounds: int = 6
     ws_seconds: float = 3.0
     ws_server_warmup: float = 2.0  # once per server, unmeasured
+    ws_bpf_rounds: int = 3       # with bpf_stats, after the throughput rounds
     # 3 accept path
     accept_conns: int = 4000     # per step; below half of RLIMIT_NOFILE, so the syscall hook stays disarmed
     accept_rounds: int = 5
@@ -83,18 +84,22 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full"),
-    "quick": Profile("quick", warmup=0.3, quiet_wait=0, agent_refresh=0.5, rounds=2, churn_seconds=1.0,
-                     churn_rates=(1000,), growth_rounds=1, syscall_rounds=1, syscall_seconds=0.4, ws_rounds=2,
-                     ws_seconds=1.0, ws_server_warmup=1.0, accept_conns=1000, accept_rounds=2, vm_accept_conns=300,
-                     vm_accept_rounds=1, levels=(1000, 5000), listener_levels=(10, 1000), idle_processes=500,
-                     holder_procs=2, scrapes=10, idle_window=2.0, snapshot_samples=3, fd_scan_reps=2,
-                     baseline_reps=2, pyspy_seconds=0),
-    "smoke": Profile("smoke", warmup=0.2, quiet_wait=0, agent_refresh=0.5, rounds=1, churn_seconds=0.5,
-                     churn_rates=(1000,), growth_rounds=1, syscall_rounds=1, syscall_seconds=0.2, ws_rounds=1,
-                     ws_seconds=0.3, ws_server_warmup=0.3, accept_conns=200, accept_rounds=1, vm_accept_conns=100,
-                     vm_accept_rounds=1, levels=(500,), listener_levels=(10, 100), idle_processes=50,
-                     holder_procs=2, scrapes=5, idle_window=0.5, snapshot_samples=2, fd_scan_reps=1,
-                     baseline_reps=1, pyspy_seconds=0),
+    "quick": Profile("quick", warmup=0.3, quiet_wait=0, agent_refresh=0.5,
+                     rounds=2, churn_seconds=1.0, churn_rates=(1000,), growth_rounds=1,
+                     syscall_rounds=1, syscall_seconds=0.4,
+                     ws_rounds=2, ws_seconds=1.0, ws_server_warmup=1.0, ws_bpf_rounds=1,
+                     accept_conns=1000, accept_rounds=2, vm_accept_conns=300, vm_accept_rounds=1,
+                     levels=(1000, 5000), listener_levels=(10, 1000), idle_processes=500, holder_procs=2,
+                     scrapes=10, idle_window=2.0, snapshot_samples=3, fd_scan_reps=2, baseline_reps=2,
+                     pyspy_seconds=0),
+    "smoke": Profile("smoke", warmup=0.2, quiet_wait=0, agent_refresh=0.5,
+                     rounds=1, churn_seconds=0.5, churn_rates=(1000,), growth_rounds=1,
+                     syscall_rounds=1, syscall_seconds=0.2,
+                     ws_rounds=1, ws_seconds=0.3, ws_server_warmup=0.3, ws_bpf_rounds=1,
+                     accept_conns=200, accept_rounds=1, vm_accept_conns=100, vm_accept_rounds=1,
+                     levels=(500,), listener_levels=(10, 100), idle_processes=50, holder_procs=2,
+                     scrapes=5, idle_window=0.5, snapshot_samples=2, fd_scan_reps=1, baseline_reps=1,
+                     pyspy_seconds=0),
 }
 
 

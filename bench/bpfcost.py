@@ -40,8 +40,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 from . import common as C
@@ -171,7 +173,11 @@ def accept_vm(profile) -> dict:
 
 def _guest(conns: int, rounds: int) -> dict:
     """Inside the VM: the accept-path measurement with fexit, as on the host."""
-    C.RUN_DIR = C.Path("/tmp/connwatch-bench")  # the checkout is read-only in the guest
+    C.RUN_DIR = Path("/tmp/connwatch-bench")  # the checkout is read-only in the guest
+    # the guest gives processes Debian's soft 1024 open files; both ends of
+    # every connection are in loadgen's two processes
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     settings = SimpleNamespace(quiet_wait=0)
     with C.sysctl("kernel.bpf_stats_enabled", "1"):
         r = paired.run(settings, [DEFAULT_AGENT, EMPTY_FEXIT_PATH], rounds, _measure(conns),

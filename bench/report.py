@@ -124,7 +124,7 @@ def _ws_rows(r: dict) -> list[Row]:
         b = f"1 ws {name} bpf_stats"
         for c, label in (("agent", "default agent"), ("agent_always", "agent, syscall_tracing: always")):
             rows.append((b, f"BPF ns per echoed message, {label} (all its programs)",
-                         f"{bpf[c]['bpf_ns_per_msg']:.0f} ns", ""))
+                         _span(bpf[c]["bpf_ns_per_msg"], ".0f"), ""))
         for c, who in (("agent", "agent"), ("agent_always", "agent always"), ("empty_send_recv", "empty")):
             for prog, p in bpf[c]["programs"].items():
                 if c == "agent_always" and prog != "sys_exit":
@@ -132,9 +132,18 @@ def _ws_rows(r: dict) -> list[Row]:
                 rows.append((b, f"{who}: {prog}", f"{p['ns_per_run']:.0f} ns/run x {p['runs_per_msg']:.2f} runs/msg "
                              f"= {p['ns_per_msg']:.0f} ns/msg", ""))
         for prog, x in bpf.get("excess_ns_per_run", {}).items():
+            if not x["n"]:
+                continue
             raw = bpf["agent"]["programs"][prog]["ns_per_run"]
-            rows.append((b, f"{prog} per send/recv after classification: raw / over its empty twin",
-                         f"{raw:.0f} / {x:.0f} ns", f"<= {SEND_RECV_MAX_NS} ns over empty: {_mark(x <= SEND_RECV_MAX_NS)}"))
+            rows.append((b, f"{prog} per send/recv after classification: raw ns/run; over its empty twin",
+                         f"{raw:.0f}; {_span(x, '.0f')}",
+                         f"<= {SEND_RECV_MAX_NS} ns over empty: {_mark(x['median'] <= SEND_RECV_MAX_NS)}"))
+        for c in ("agent", "agent_always"):
+            if bpf[c].get("exported_missing"):
+                rows.append((b, f"WARNING: {c}: connwatch_bpf_program_runs_total short of the kernel's count",
+                             ", ".join(bpf[c]["exported_missing"]), ""))
+        if bpf["agent"].get("hook_armed_phases"):
+            rows.append((b, "WARNING: default agent's syscall hook armed during the bpf_stats phase", "", ""))
     return rows
 
 

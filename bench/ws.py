@@ -29,13 +29,14 @@ import time
 from dataclasses import dataclass
 
 from . import common as C
-from . import noise, paired
+from . import paired
 from .overhead import agent_config, agent_rows
 from .paired import ALWAYS_AGENT, DEFAULT_AGENT, NOTHING, Condition, Rounds
 
 CONDITIONS = [NOTHING, DEFAULT_AGENT, ALWAYS_AGENT]
 EMPTY_SEND_RECV = Condition("empty_send_recv", "empty tp_btf/sock_send_length + sock_recv_length programs",
                             programs=frozenset({"bench_empty_send", "bench_empty_recv"}))
+BPF_CONDITIONS = [DEFAULT_AGENT, ALWAYS_AGENT, EMPTY_SEND_RECV]
 # connwatch's programs on the send/recv tracepoints and their empty twins
 SEND_RECV_TWINS = {"sock_send": "bench_empty_send", "sock_recv": "bench_empty_recv"}
 # a generator busier than this (cores) may be what limits the rate
@@ -95,36 +96,55 @@ def _stats(attached: paired.Attached) -> dict[str, C.ProgramStats]:
     return attached.agent.program_stats() if attached.agent else attached.bpf.run_stats()
 
 
-def _bpf_phase(profile, server: EchoServer) -> dict:
-    """BPF ns per echoed message: each agent configuration, then the empty pair."""
-    out = {}
-    for cond in (DEFAULT_AGENT, ALWAYS_AGENT, EMPTY_SEND_RECV):
-        attached = paired.Attached.attach(cond, agent_config(profile))
-        try:
-            noise.wait_quiet(profile.quiet_wait, attached.pids)
-            before = _stats(attached)
-            res = _echo(profile, server, profile.warmup, profile.ws_seconds)
-            t_end = time.time()
-            delta = C.stats_delta(before, _stats(attached))
-            msgs = res["msgs_total"]  # the stats cover the warm-up too
-            progs = {p: {"runs": d.runs, "ns_per_run": d.ns_per_run, "runs_per_msg": d.runs / msgs,
-                         "ns_per_msg": d.run_ns / msgs} for p, d in sorted(delta.items()) if d.runs}
-            row = {"msgs": msgs, "rate": res["rate"], "programs": progs,
-                   "bpf_ns_per_msg": sum(d.run_ns for d in delta.values()) / msgs}
-            if attached.agent:
-                # what the agent exports (connwatch_bpf_program_*), cumulative since
-                # its start: at least what was measured directly
-                m = attached.agent.metrics_after(t_end)
-                row["exported_runs"] = {lab["program"]: v for n, lab, v in m
-                                        if n == "connwatch_bpf_program_runs_total"}
-                row["hook_armed"] = attached.agent.hook_armed(m)
-            out[cond.name] = row
-        finally:
-            attached.close()
-    empty = out[EMPTY_SEND_RECV.name]["programs"]
-    agent = out[DEFAULT_AGENT.name]["programs"]
-    out["excess_ns_per_run"] = {p: agent[p]["ns_per_run"] - empty[twin]["ns_per_run"]
-                                for p, twin in SEND_RECV_TWINS.items() if p in agent and twin in empty}
+def _bpf_measure(profile, server: EchoServer):
+    """One echo run; each program's run count and time over it, per message."""
+    def measure(attached: paired.Attached) -> dict:
+        before = _stats(attached)
+        res = _echo(profile, server, profile.warmup, profile.ws_seconds)
+        t_end = time.time()
+        delta = C.stats_delta(before, _stats(attached))
+        msgs = res["msgs_total"]  # the stats cover the warm-up too
+        out = {"msgs": msgs, "rate": res["rate"],
+               "programs": {p: [d.run_ns, d.runs] for p, d in delta.items() if d.runs},
+               "bpf_ns_per_msg": sum(d.run_ns for d in delta.values()) / msgs}
+        if attached.agent:
+            # what the agent exports (connwatch_bpf_program_runs_total),
+            # cumulative since its start: at least what was measured here
+            m = attached.agent.metrics_after(t_end)
+            exported = {lab["program"]: v for n, lab, v in m if n == "connwatch_bpf_program_runs_total"}
+            out["exported_missing"] = sorted(p for p, (_, runs) in out["programs"].items()
+                                             if exported.get(p, 0) < runs)
+        return out
+    return measure
+
+
+def _bpf_summary(rounds: Rounds) -> dict:
+    out: dict = {"rounds": rounds.to_json()}
+    for c in rounds.conditions:
+        phases = rounds.of(c.name)
+        progs = sorted({p for ph in phases for p in ph.result["programs"]})
+        rows = {}
+        for p in progs:
+            runs = [(ph.result["programs"].get(p, [0, 0]), ph.result["msgs"]) for ph in phases]
+            rows[p] = {"runs": sum(r for (_, r), _ in runs),
+                       "ns_per_run": C.median([t / r for (t, r), _ in runs if r]),
+                       "runs_per_msg": C.median([r / n for (_, r), n in runs]),
+                       "ns_per_msg": C.median([t / n for (t, _), n in runs])}
+        out[c.name] = {"programs": rows, "bpf_ns_per_msg": C.summary(rounds.values(c.name, "bpf_ns_per_msg"))}
+        if c.agent_config is not None:
+            # programs whose exported run count fell short of the kernel's (should be none)
+            out[c.name]["exported_missing"] = sorted({p for ph in phases for p in ph.result["exported_missing"]})
+            out[c.name]["hook_armed_phases"] = sum(1 for ph in phases if ph.hook_armed)
+    # per round: the agent's ns/run on a hook minus its empty twin's
+    empty = {ph.round: ph.result["programs"] for ph in rounds.of(EMPTY_SEND_RECV.name)}
+    out["excess_ns_per_run"] = {}
+    for prog, twin in SEND_RECV_TWINS.items():
+        xs = []
+        for ph in rounds.of(DEFAULT_AGENT.name):
+            a, e = ph.result["programs"].get(prog), empty.get(ph.round, {}).get(twin)
+            if a and e and a[1] and e[1]:
+                xs.append(a[0] / a[1] - e[0] / e[1])
+        out["excess_ns_per_run"][prog] = C.summary(xs)
     return out
 
 
@@ -140,8 +160,12 @@ def ws(profile) -> dict:
                                 f"ws {name}", agent_config(profile))
             out[name] = _summary(rounds)
             out[name]["label"] = kind.label
+            # bpf_stats adds clock reads to every BPF run: never during the rounds above
             with C.sysctl("kernel.bpf_stats_enabled", "1"):
-                out[name]["bpf"] = _bpf_phase(profile, server)
+                bpf_rounds = paired.run(profile, BPF_CONDITIONS, profile.ws_bpf_rounds,
+                                        _bpf_measure(profile, server), f"ws {name} bpf_stats",
+                                        agent_config(profile))
+            out[name]["bpf"] = _bpf_summary(bpf_rounds)
         finally:
             server.stop()
     return out
