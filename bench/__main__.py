@@ -190,6 +190,7 @@ def main(argv=None) -> int:
         print(f"bench: refusing to run beside {at_start.describe()} (they would be measured too): "
               "stop them, or pass --allow-noise to run anyway with the results marked", file=sys.stderr)
         return 2
+    noise.tolerate(at_start)
 
     C.install_signal_handlers()
     t_start = time.monotonic()

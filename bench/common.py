@@ -259,9 +259,7 @@ class Bpf:
             self.obj.close()
             raise
         _restores.append(self.close)
-        from . import noise
-
-        noise.note_own_links([os.getpid()])
+        note_own_links([os.getpid()])
 
     def run_stats(self) -> dict[str, ProgramStats]:
         out = {}
@@ -305,6 +303,16 @@ def fd_object_ids(pids) -> dict[str, set[int]]:
             for kind, num in _FDINFO_ID.findall(text):
                 ids[kind].add(int(num))
     return ids
+
+
+# every BPF link the harness or an agent it started has held: noise.leftovers()
+# checks at the end that none is still attached
+OWN_LINKS: set[int] = set()
+
+
+def note_own_links(pids) -> None:
+    """Remember the links these processes hold now (the harness itself, an agent)."""
+    OWN_LINKS.update(fd_object_ids(pids)["link_id"])
 
 
 def program_stats_of(pid: int) -> dict[str, ProgramStats]:
@@ -375,9 +383,7 @@ class Agent:
         self.startup_seconds = time.monotonic() - t0
         if self.startup_seconds > 10:
             log(f"agent start-up took {self.startup_seconds:.0f} s")
-        from . import noise
-
-        noise.note_own_links([self.pid])
+        note_own_links([self.pid])
 
     @property
     def pid(self) -> int:
@@ -475,9 +481,7 @@ class Agent:
         return out
 
     def stop(self) -> None:
-        from . import noise
-
-        noise.note_own_links([self.pid])  # an armed syscall hook came after start-up
+        note_own_links([self.pid])  # an armed syscall hook came after start-up
         reap(self.proc, signal.SIGTERM, timeout=30)
         self._log.close()
         with contextlib.suppress(OSError):

@@ -11,8 +11,9 @@ while) for foreign programs to go before each phase, and records what it
 still saw.
 
 "Ours" are the links held open by the harness and the processes it
-started (their /proc/<pid>/fdinfo); every link of ours is remembered, and
-`leftovers()` checks at the end that none is still attached.
+started (their /proc/<pid>/fdinfo); every link of ours is remembered
+(common.OWN_LINKS), and `leftovers()` checks at the end that none is still
+attached.
 """
 
 from __future__ import annotations
@@ -197,14 +198,12 @@ def wait_quiet(max_wait: float, own_pids=()) -> Noise:
     return n
 
 
-# ---- our own links, and what is left of them ------------------------------------------------
+def tolerate(n: Noise) -> None:
+    """What --allow-noise let through at the start: not waited for before each phase."""
+    _persistent.update(_key(a) for a in n.attachments)
 
-_ours: set[int] = set()
 
-
-def note_own_links(pids) -> None:
-    """Remember the links these processes hold now (the harness itself, an agent)."""
-    _ours.update(C.fd_object_ids(pids)["link_id"])
+# ---- what is left of ours ------------------------------------------------------------------
 
 
 def leftovers() -> list[dict]:
@@ -215,4 +214,4 @@ def leftovers() -> list[dict]:
     except (OSError, RuntimeError, ValueError) as e:
         return [{"error": str(e)}]
     bench_progs = {p["id"] for p in progs if p.get("name", "").startswith("bench_")}
-    return [lk for lk in links if lk["id"] in _ours or lk.get("prog_id") in bench_progs]
+    return [lk for lk in links if lk["id"] in C.OWN_LINKS or lk.get("prog_id") in bench_progs]
