@@ -72,11 +72,17 @@ def _stats(attached: paired.Attached) -> dict[str, C.ProgramStats]:
 
 def _measure(conns: int):
     """One open step and one close step of `conns` connections: each
-    program's (ns, runs) delta in each."""
+    program's (ns, runs) delta in each. An unmeasured open+close cycle goes
+    first: the first runs of freshly loaded programs pay for cold caches and,
+    under QEMU's emulator, for translating the programs' code (tens of
+    microseconds a run for the first few hundred runs there)."""
     def measure(attached: paired.Attached) -> dict:
         gen = C.LineProcess([C.LOADGEN, "accept-phases", conns, SRC_IP], what="loadgen accept-phases")
         try:
             gen.expect("ready")  # its listener exists: listen() is not in the steps
+            for step, answer in (("open", "opened"), ("close", "closed")):  # the warm-up cycle
+                gen.send(step)
+                gen.expect(answer)
             s0 = _stats(attached)
             gen.send("open")
             opened = gen.expect("opened")

@@ -161,6 +161,12 @@ def _accept_rows(r: dict, bench: str = "3 accept", target: bool = True) -> list[
                      f"= {p['ns_per_conn']['median']:.0f} ns/conn", ""))
     for prog, p in o["empty"].items():
         rows.append((bench, f"empty {prog} (open step)", f"{p['runs_per_conn']:.2f} runs/conn x {p['ns_per_run']:.0f} ns", ""))
+    a_runs = o["agent"].get("sock_state", o["agent"].get("accept_fexit", {})).get("runs_per_conn")
+    e_runs = o["empty"].get("bench_empty_state", {}).get("runs_per_conn")
+    if a_runs and e_runs and abs(a_runs / e_runs - 1) > 0.05:
+        # the same steps fire the same tracepoints: a difference is someone else's traffic
+        rows.append((bench, "WARNING: inet_sock_set_state runs per connection differ, agent vs empty twins",
+                     f"{a_runs:.2f} vs {e_runs:.2f}: other traffic on the host during the steps", ""))
     c = r["close"]
     rows.append((bench, "close path for comparison: BPF ns per connection, raw / over empty twins",
                  f"{c['raw_ns_per_conn']['median']:.0f} / {c['over_empty_ns_per_conn']['median']:.0f} ns", ""))
