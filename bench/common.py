@@ -444,6 +444,20 @@ class Agent:
         v = metric(metrics if metrics is not None else self.metrics(), "connwatch_syscall_hook_armed")
         return None if v is None else v == 1
 
+    def refresh_failure(self, metrics) -> str | None:
+        """None while the agent's snapshot is fresh; else why its refreshes
+        fail (it keeps serving the last good snapshot, so its numbers would
+        silently stop moving): the snapshot's age and the last exception the
+        agent logged."""
+        taken = metric(metrics, "connwatch_snapshot_timestamp_seconds") or 0
+        interval = self.config.get("refresh_interval_seconds", 2.0)
+        age = time.time() - taken
+        if age < 3 * interval + 1:
+            return None
+        self._log.flush()
+        errors = re.findall(r"^(\w+(?:Error|Exception)\b.*)$", self.log_path.read_text(), re.M)
+        return f"snapshot {age:.0f} s old: refreshes fail ({errors[-1] if errors else 'see ' + str(self.log_path)})"
+
     def arm_reasons(self) -> list[str]:
         """Why the syscall hook was armed, each time (from the agent's log)."""
         self._log.flush()

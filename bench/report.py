@@ -138,6 +138,12 @@ def _ws_rows(r: dict) -> list[Row]:
             rows.append((b, f"{prog} per send/recv after classification: raw ns/run; over its empty twin",
                          f"{raw:.0f}; {_span(x, '.0f')}",
                          f"<= {SEND_RECV_MAX_NS} ns over empty: {_mark(x['median'] <= SEND_RECV_MAX_NS)}"))
+        a_runs = bpf["agent"]["programs"].get("sock_send", {}).get("runs_per_msg")
+        e_runs = bpf["empty_send_recv"]["programs"].get("bench_empty_send", {}).get("runs_per_msg")
+        if a_runs and e_runs and abs(a_runs / e_runs - 1) > 0.05:
+            # the same load fires the same tracepoints: a difference is someone else's traffic
+            rows.append((b, "WARNING: sock_send_length runs per message differ, agent vs empty pair",
+                         f"{a_runs:.2f} vs {e_runs:.2f}: other traffic on the host", ""))
         for c in ("agent", "agent_always"):
             if bpf[c].get("exported_missing"):
                 rows.append((b, f"WARNING: {c}: connwatch_bpf_program_runs_total short of the kernel's count",
@@ -217,6 +223,8 @@ def _scale_rows(r: dict) -> list[Row]:
         rows.append((b, "BPF map memory (all maps)", f"{lv['bpf_map_memory_bytes'] / 2**20:.1f} MiB", ""))
         if lv.get("hook_armed"):
             rows.append((b, "WARNING: syscall hook armed, not the state measured", lv.get("arm_reason", ""), ""))
+        if lv.get("refresh_failure"):
+            rows.append((b, "WARNING: the agent's refreshes fail", lv["refresh_failure"], ""))
         for name, s in lv["baselines"].items():
             rows.append((b, f"baseline: {name} (counts checked equal)", _ms(s["median"]), ""))
         rows.append((b, f"scrape speed-up vs fastest named baseline ({lv['fastest_baseline']})",
@@ -230,6 +238,8 @@ def _scale_rows(r: dict) -> list[Row]:
         rows.append((b, "refresh (snapshot build) median [min..max]", _span(lv["snapshot_build_seconds"], ".4f") + " s", ""))
         rows.append((b, "scrape median / agent RSS", f"{_ms(lv['scrape_seconds']['median'])} / "
                      f"{lv['agent_memory']['VmRSS'] / 2**20:.1f} MiB", ""))
+        if lv.get("refresh_failure"):
+            rows.append((b, "WARNING: the agent's refreshes fail", lv["refresh_failure"], ""))
     if lst.get("error"):
         rows.append(("5 scale listeners", "FAILED", lst["error"], ""))
     pr = r.get("processes", {})

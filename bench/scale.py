@@ -265,6 +265,7 @@ def _agent_costs(profile, agent: C.Agent, n_scrapes: int) -> dict:
             "agent_cpu_seconds_per_scrape": max(0.0, cpu - idle * wall) / len(lat),
             "agent_memory": agent.memory(),
             "hook_armed": armed,
+            "refresh_failure": agent.refresh_failure(m),
             "arm_reason": (agent.arm_reasons() or ["?"])[-1] if armed else None,
             "metrics": m}
 
@@ -367,11 +368,17 @@ def _hold_listeners(n: int, index: int) -> C.LineProcess:
 
 
 def _wait_listeners(agent: C.Agent, at_least: int, timeout: float = 30.0) -> int:
+    """Until the agent's listeners map holds at_least entries; raises if its
+    refreshes fail meanwhile (the count would never move)."""
     deadline = time.monotonic() + timeout
     while True:
-        seen = int(C.metric(agent.metrics(), "connwatch_bpf_map_entries", map="listeners") or 0)
+        m = agent.metrics()
+        seen = int(C.metric(m, "connwatch_bpf_map_entries", map="listeners") or 0)
         if seen >= at_least or time.monotonic() > deadline:
             return seen
+        failure = agent.refresh_failure(m)
+        if failure:
+            raise RuntimeError(f"the agent's {failure}")
         time.sleep(0.2)
 
 
@@ -383,13 +390,18 @@ def listeners_axis(profile) -> dict:
     out = {"listeners_before": base, "levels": []}
     try:
         for level in profile.listener_levels:
-            while held < level:  # new holder processes for what is missing, each below its limit
-                n = min(level - held, PER_PROCESS_MAX)
-                holders.append(_hold_listeners(n, len(holders)))
-                held += n
-            seen = _wait_listeners(agent, base + level)
-            if seen < base + level:
-                raise AssertionError(f"{level} listeners held, the agent sees {seen - base}")
+            try:
+                while held < level:  # new holder processes for what is missing, each below its limit
+                    n = min(level - held, PER_PROCESS_MAX)
+                    holders.append(_hold_listeners(n, len(holders)))
+                    held += n
+                seen = _wait_listeners(agent, base + level)
+                if seen < base + level:
+                    raise AssertionError(f"{level} listeners held, the agent sees {seen - base}")
+            except Exception as e:  # keep the levels measured so far
+                C.log(f"scale {level} listeners: FAILED: {e}")
+                out["error"] = f"{level} listeners: {type(e).__name__}: {e}"
+                break
             costs = _agent_costs(profile, agent, max(5, profile.scrapes // 5))
             costs.pop("metrics")
             row = {"listeners": level, "agent_listeners": seen, "holder_processes": len(holders), **costs}
