@@ -100,18 +100,25 @@ class Rounds:
     def of(self, cond: str) -> list[Phase]:
         return [p for p in self.phases if p.condition == cond]
 
-    def values(self, cond: str, key: str) -> list[float]:
-        return [p.result[key] for p in self.of(cond)]
+    def values(self, cond: str, *path: str) -> list[float]:
+        """cond's result at `path` (keys into the result dict), one per round."""
+        return [_at(p.result, path) for p in self.of(cond)]
 
-    def ratios(self, cond: str, key: str, base: str = "none") -> list[float]:
-        """Per round: cond's value / the baseline's value."""
-        b = {p.round: p.result[key] for p in self.of(base)}
-        return [p.result[key] / b[p.round] for p in self.of(cond) if b.get(p.round)]
+    def ratios(self, cond: str, *path: str, base: str = "none") -> list[float]:
+        """Per round: cond's value at `path` / the baseline's value."""
+        b = {p.round: _at(p.result, path) for p in self.of(base)}
+        return [_at(p.result, path) / b[p.round] for p in self.of(cond) if b.get(p.round)]
 
     def to_json(self) -> dict:
         return {"conditions": {c.name: c.label for c in self.conditions},
                 "agent_startup_seconds": self.startups,
                 "phases": [{**p.__dict__, "agent_cpu_cores": p.agent_cpu_cores} for p in self.phases]}
+
+
+def _at(result: dict, path: tuple[str, ...]):
+    for key in path:
+        result = result[key]
+    return result
 
 
 def run(profile, conditions: list[Condition], rounds: int, measure: Callable[[Attached], dict],
@@ -151,8 +158,9 @@ def run(profile, conditions: list[Condition], rounds: int, measure: Callable[[At
 
 
 def _headline(result: dict) -> str:
-    """The number a log line shows for a phase."""
+    """What a log line shows for a phase."""
     for key, unit in (("rate", "/s"), ("getppid_cpu_ns", " ns/getppid"), ("conns", " conns")):
         if key in result:
             return f"{result[key]:.0f}{unit}"
-    return "done"
+    nested = [f"{k} {_headline(v)}" for k, v in result.items() if isinstance(v, dict) and "rate" in v]
+    return " ".join(nested) or "done"

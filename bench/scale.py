@@ -1,8 +1,8 @@
 """Benchmarks 4 and 5: the agent on a host with many connections, many
 listeners, many processes (issue 16 item 3).
 
-Three axes, each with its own agent (default configuration but for the
-refresh interval of the profile):
+Three axes (the connections axis with its own agent, the other two sharing
+one; default configuration but for the refresh interval of the profile):
 
 * connections (1k .. 100k): `loadgen hold-server` processes accept and keep
   connections that `loadgen hold-client` processes open from 127.0.0.2,
@@ -382,8 +382,49 @@ def _wait_listeners(agent: C.Agent, at_least: int, timeout: float = 30.0) -> int
         time.sleep(0.2)
 
 
-def listeners_axis(profile) -> dict:
-    agent = _agent(profile, "scale-listeners")
+# ---- processes ------------------------------------------------------------------------------
+
+
+def _host_processes() -> int:
+    return sum(1 for d in os.listdir("/proc") if d.isdigit())
+
+
+def _time_fd_scan(reps: int) -> dict:
+    """connwatch.fds.all_processes(): open fds and RLIMIT_NOFILE of every
+    process, the per-refresh scan (timed here in the bench's process: the
+    agent does not export how long its own takes)."""
+    from connwatch import fds
+
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        seen = len(fds.all_processes())
+        times.append(time.perf_counter() - t)
+    return {"seconds": C.summary(times), "processes_seen": seen}
+
+
+def processes_axis(profile, agent: C.Agent) -> dict:
+    """The fd scan and the agent's costs before and after adding idle processes."""
+    before = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
+              **_agent_costs(profile, agent, 5)}
+    before.pop("metrics")
+    idle = C.LineProcess([C.LOADGEN, "idle-procs", profile.idle_processes], what="loadgen idle-procs")
+    try:
+        idle.expect("ready")
+        time.sleep(profile.agent_refresh)  # one refresh with them before measuring
+        after = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
+                 **_agent_costs(profile, agent, 5)}
+        after.pop("metrics")
+    finally:
+        idle.stop()
+    agent.settle()  # their exits are the agent's work too, not the next axis's
+    C.log(f"scale +{profile.idle_processes} processes: fd scan "
+          f"{before['fd_scan']['seconds']['median'] * 1e3:.1f} -> {after['fd_scan']['seconds']['median'] * 1e3:.1f} ms, "
+          f"idle CPU {before['idle_cpu_fraction'] * 100:.2f}% -> {after['idle_cpu_fraction'] * 100:.2f}%")
+    return {"added": profile.idle_processes, "before": before, "after": after}
+
+
+def listeners_axis(profile, agent: C.Agent) -> dict:
     base = int(C.metric(agent.metrics(), "connwatch_bpf_map_entries", map="listeners") or 0)
     holders: list[C.LineProcess] = []
     held = 0
@@ -412,59 +453,20 @@ def listeners_axis(profile) -> dict:
     finally:
         for h in holders:
             h.stop()
-        agent.stop()
-
-
-# ---- processes ------------------------------------------------------------------------------
-
-
-def _host_processes() -> int:
-    return sum(1 for d in os.listdir("/proc") if d.isdigit())
-
-
-def _time_fd_scan(reps: int) -> dict:
-    """connwatch.fds.all_processes(): open fds and RLIMIT_NOFILE of every
-    process, the per-refresh scan (timed here in the bench's process: the
-    agent does not export how long its own takes)."""
-    from connwatch import fds
-
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        seen = len(fds.all_processes())
-        times.append(time.perf_counter() - t)
-    return {"seconds": C.summary(times), "processes_seen": seen}
-
-
-def processes_axis(profile) -> dict:
-    agent = _agent(profile, "scale-processes")
-    idle = None
-    try:
-        before = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
-                  **_agent_costs(profile, agent, 5)}
-        before.pop("metrics")
-        idle = C.LineProcess([C.LOADGEN, "idle-procs", profile.idle_processes], what="loadgen idle-procs")
-        idle.expect("ready")
-        time.sleep(profile.agent_refresh)  # one refresh with them before measuring
-        after = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
-                 **_agent_costs(profile, agent, 5)}
-        after.pop("metrics")
-        C.log(f"scale +{profile.idle_processes} processes: fd scan "
-              f"{before['fd_scan']['seconds']['median'] * 1e3:.1f} -> {after['fd_scan']['seconds']['median'] * 1e3:.1f} ms, "
-              f"idle CPU {before['idle_cpu_fraction'] * 100:.2f}% -> {after['idle_cpu_fraction'] * 100:.2f}%")
-        return {"added": profile.idle_processes, "before": before, "after": after}
-    finally:
-        if idle:
-            idle.stop()
-        agent.stop()
 
 
 def scale(profile) -> dict:
     out = {"connections": connections_axis(profile)}
-    for name, axis in (("listeners", listeners_axis), ("processes", processes_axis)):
-        try:
-            out[name] = axis(profile)
-        except Exception as e:  # report it, go on with the next axis
-            C.log(f"scale {name}: FAILED: {e}")
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    # one agent for the other two axes, with no connections held: processes
+    # first (idle ones, gone again), then listeners, which only grow
+    agent = _agent(profile, "scale-listeners")
+    try:
+        for name, axis in (("processes", processes_axis), ("listeners", listeners_axis)):
+            try:
+                out[name] = axis(profile, agent)
+            except Exception as e:  # report it, go on with the next axis
+                C.log(f"scale {name}: FAILED: {e}")
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        agent.stop()
     return out

@@ -3,8 +3,8 @@
 timing thresholds: this machine is shared) and leave nothing behind; and it
 must refuse to run beside another connwatch agent.
 
-The smoke profile takes ~45 s on a quiet machine (16 agent start-ups of
-~0.5 s and their settling included); the refusal test ~2 s.
+The smoke profile took 50-55 s on a moderately loaded machine (11 agent
+start-ups, each ~2.5 s with settling and stopping); the refusal test ~3 s.
 """
 
 from __future__ import annotations
@@ -114,10 +114,12 @@ def test_bench_smoke(tmp_path):
             assert _finite_positive(ws[cond]["rate"]["median"]), (server, cond)
         bpf = ws["bpf"]
         agent, empty = bpf["agent"]["programs"], bpf["empty_send_recv"]["programs"]
-        # every echo is a send and a receive at each end
-        assert agent["sock_send"]["runs_per_msg"] >= 2 and agent["sock_recv"]["runs_per_msg"] >= 2, agent
-        assert empty["bench_empty_send"]["runs_per_msg"] >= 2, empty
-        assert "sys_exit" in bpf["agent_always"]["programs"] and "sys_exit" not in agent
+        # every echo is a send and a receive at each end (counts are host-wide: at least that)
+        assert agent["sock_send"]["runs_per_msg"] > 1.9 and agent["sock_recv"]["runs_per_msg"] > 1.9, agent
+        assert empty["bench_empty_send"]["runs_per_msg"] > 1.9, empty
+        assert "sys_exit" in bpf["agent_always"]["programs"]
+        # the default agent's hook stays off unless some process on the host nears a limit
+        assert "sys_exit" not in agent or bpf["agent"]["hook_armed_phases"], agent
         # the agent exports what the kernel counted (connwatch_bpf_program_runs_total)
         assert bpf["agent"]["exported_missing"] == [] and bpf["agent_always"]["exported_missing"] == []
         assert all(x["n"] == 1 for x in bpf["excess_ns_per_run"].values()), bpf["excess_ns_per_run"]
