@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -191,6 +192,10 @@ def main(argv=None) -> int:
               "stop them, or pass --allow-noise to run anyway with the results marked", file=sys.stderr)
         return 2
     noise.tolerate(at_start)
+    # as servers do: the loads hold thousands of sockets per process (the
+    # scale holders size themselves from this, below the agent's arm_ratio)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     C.install_signal_handlers()
     t_start = time.monotonic()

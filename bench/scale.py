@@ -39,7 +39,13 @@ from . import common as C
 
 # below the default arm_ratio (0.5) of each process's RLIMIT_NOFILE, with a margin
 ARM_SAFE_SHARE = 0.4
-PER_PROCESS_MAX = int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * ARM_SAFE_SHARE)
+
+
+def per_process_max() -> int:
+    """Sockets one holder keeps (it inherits the harness's RLIMIT_NOFILE)."""
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * ARM_SAFE_SHARE)
+
+
 SERVER_PORTS = 21000  # holders listen on the first free port of 21000+100*i ... +99
 LISTENER_PORTS = (22000, 31999)  # below the ephemeral range, one loopback address per holder
 SLOW_BASELINE_SECONDS = 5.0  # a baseline slower than this is timed once
@@ -51,7 +57,7 @@ class Holders:
         self.opened = [0] * nproc
         for i in range(nproc):
             # a service port below the ephemeral range, as real servers have
-            s = C.spawn([C.LOADGEN, "hold-server", PER_PROCESS_MAX, SERVER_PORTS + 100 * i,
+            s = C.spawn([C.LOADGEN, "hold-server", per_process_max(), SERVER_PORTS + 100 * i,
                          SERVER_PORTS + 100 * i + 99], stdout=subprocess.PIPE, text=True, bufsize=1)
             first = s.stdout.readline().split()
             if first[:1] != ["port"]:
@@ -71,7 +77,7 @@ class Holders:
     def grow_to(self, total: int, timeout: float = 60) -> None:
         n = len(self.clients)
         want = [total // n + (1 if i < total % n else 0) for i in range(n)]
-        if max(want) > PER_PROCESS_MAX:
+        if max(want) > per_process_max():
             raise ValueError(f"{total} connections need more than {n} holder processes")
         for i, c in enumerate(self.clients):  # all clients work in parallel
             c.stdin.write(f"{want[i] - self.opened[i]}\n")
@@ -336,12 +342,12 @@ def _agent(profile, tag: str) -> C.Agent:
 
 def connections_axis(profile) -> dict:
     levels = profile.levels
-    nproc = max(profile.holder_procs, math.ceil(max(levels) / PER_PROCESS_MAX))
+    nproc = max(profile.holder_procs, math.ceil(max(levels) / per_process_max()))
     agent = _agent(profile, "scale")
     holders = None
     try:
         holders = Holders(nproc)
-        out = {"holder_processes": nproc, "per_process_max": PER_PROCESS_MAX,
+        out = {"holder_processes": nproc, "per_process_max": per_process_max(),
                "agent_startup_seconds": agent.startup_seconds, "agent_via": agent.via, "levels": []}
         for level in levels:
             try:
@@ -433,7 +439,7 @@ def listeners_axis(profile, agent: C.Agent) -> dict:
         for level in profile.listener_levels:
             try:
                 while held < level:  # new holder processes for what is missing, each below its limit
-                    n = min(level - held, PER_PROCESS_MAX)
+                    n = min(level - held, per_process_max())
                     holders.append(_hold_listeners(n, len(holders)))
                     held += n
                 seen = _wait_listeners(agent, base + level)
