@@ -26,7 +26,8 @@ CATEGORIES = [
     ("tracepoint dispatch (BPF trampoline)", re.compile(r"^bpf_trace_run|^__bpf_trace_|^__traceiter_"
                                                         r"|^perf_syscall|^perf_trace|^trace_call_bpf|^bpf_prog_run"
                                                         r"|^perf_tp_event|^__bpf_prog")),
-    ("syscall tracing slow path", re.compile(r"^syscall_exit_work|^syscall_trace_enter|^syscall_exit_to_user_mode_prepare")),
+    ("syscall tracing slow path", re.compile(r"^syscall_exit_work|^syscall_trace_enter"
+                                             r"|^syscall_exit_to_user_mode_prepare")),
 ]
 
 

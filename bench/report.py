@@ -17,6 +17,8 @@ ACCEPT_MAX_NS = 300
 IDLE_CPU_MAX = {10000: 0.005, 100000: 0.02}
 RSS_MAX_BYTES = 100e6
 SCRAPE_MAX_SECONDS = 0.1
+# the agent conditions: (name, label, whether issue 12's target applies)
+AGENTS = (("agent", "default agent", True), ("agent_always", "agent, syscall_tracing: always", False))
 
 
 def _mark(ok: bool) -> str:
@@ -59,14 +61,14 @@ def _agent_warnings(bench: str, name: str, r: dict, on_demand: bool) -> list[Row
 
 def _churn_rows(bench: str, r: dict) -> list[Row]:
     rows = [(bench, "conn/s, nothing attached (median [min..max])", _span(r["rate"]["none"], ".0f"), "")]
-    for name, label, target in (("agent", "default agent", True), ("agent_always", "agent, syscall_tracing: always", False)):
+    for name, label, target in AGENTS:
         if name not in r:
             continue
         a = r[name]
         n = a["ratio"]["n"]
         rows.append((bench, f"conn/s, {label}", _span(r["rate"][name], ".0f"), ""))
-        rows.append((bench, f"ratio {label} / nothing ({n} paired rounds)", _span(a["ratio"]),
-                     f">= {CHURN_MIN_RATIO}: {_mark(a['ratio']['median'] >= CHURN_MIN_RATIO)}" if target else "reference"))
+        goal = f">= {CHURN_MIN_RATIO}: {_mark(a['ratio']['median'] >= CHURN_MIN_RATIO)}" if target else "reference"
+        rows.append((bench, f"ratio {label} / nothing ({n} paired rounds)", _span(a["ratio"]), goal))
         rows.append((bench, f"CPU per connection (whole machine), {label} / nothing", _span(a["cpu_ratio"]), ""))
         rows.append((bench, f"generator CPU per connection, {label} / nothing", _span(a["gen_cpu_ratio"]), ""))
         rows.append((bench, f"agent process CPU, {label} (cores)", _span(a["agent_cpu_cores"]), ""))
@@ -87,9 +89,9 @@ def _syscall_rows(r: dict) -> list[Row]:
             target = ""
             if c == "agent" and mode == "getppid":
                 target = f"<= {GETPPID_MAX_RATIO}: {_mark(s['median'] <= GETPPID_MAX_RATIO)}"
+            wall = m[c]["wall_slowdown"]["median"]
             rows.append(("2 syscall", f"{m['label']}: {labels[c]}: CPU time / nothing",
-                         f"{m[c]['cpu_ns']['median']:.0f} ns, x{_span(s)} (wall x{m[c]['wall_slowdown']['median']:.3f})",
-                         target))
+                         f"{m[c]['cpu_ns']['median']:.0f} ns, x{_span(s)} (wall x{wall:.3f})", target))
         oc = base["other_cpu_cores"]
         rows.append(("2 syscall", f"{m['label']}: other load on the machine during baselines (cores)",
                      _span(oc, ".2f"), ""))
@@ -105,16 +107,17 @@ def _ws_rows(r: dict) -> list[Row]:
             continue
         s = r[name]
         b = f"1 ws {name}"
-        rows.append((b, f"{s['label']} echo, {r['connections']} conns x {r['message_bytes']} B: msgs/s, nothing attached",
-                     _span(s["none"]["rate"], ".0f"), ""))
-        for c, label, target in (("agent", "default agent", True), ("agent_always", "agent, syscall_tracing: always", False)):
+        load = f"{s['label']} echo, {r['connections']} conns x {r['message_bytes']} B"
+        rows.append((b, f"{load}: msgs/s, nothing attached", _span(s["none"]["rate"], ".0f"), ""))
+        for c, label, target in AGENTS:
             a = s[c]
             rows.append((b, f"msgs/s, {label}", _span(a["rate"], ".0f"), ""))
-            rows.append((b, f"ratio {label} / nothing ({a['ratio']['n']} paired rounds)", _span(a["ratio"]),
-                         f">= {WS_MIN_RATIO}: {_mark(a['ratio']['median'] >= WS_MIN_RATIO)}" if target else "reference"))
+            goal = f">= {WS_MIN_RATIO}: {_mark(a['ratio']['median'] >= WS_MIN_RATIO)}" if target else "reference"
+            rows.append((b, f"ratio {label} / nothing ({a['ratio']['n']} paired rounds)", _span(a["ratio"]), goal))
             rows.append((b, f"server CPU per message, {label} / nothing", _span(a["server_cpu_ratio"]), ""))
             rows += _agent_warnings(b, label, a, c == "agent")
-        rows.append((b, "server CPU (cores; ~1 = saturated, the bottleneck)", _span(s["none"]["server_cores"], ".2f"), ""))
+        rows.append((b, "server CPU (cores; ~1 = saturated, the bottleneck)",
+                     _span(s["none"]["server_cores"], ".2f"), ""))
         gen = s["generator_max_cores"]
         rows.append((b, "load generator CPU, highest phase (cores)", f"{gen:.2f}",
                      "headroom OK" if gen < 0.9 else "WARNING: generator may limit the rate"))
@@ -163,10 +166,11 @@ def _accept_rows(r: dict, bench: str = "3 accept", target: bool = True) -> list[
     rows.append((bench, "the same minus the empty twins' floor on those hooks (connwatch's own work)",
                  _span(work, ".0f"), ""))
     for prog, p in o["agent"].items():
-        rows.append((bench, f"agent {prog} (open step)", f"{p['runs_per_conn']:.2f} runs/conn x {p['ns_per_run']:.0f} ns "
-                     f"= {p['ns_per_conn']['median']:.0f} ns/conn", ""))
+        rows.append((bench, f"agent {prog} (open step)", f"{p['runs_per_conn']:.2f} runs/conn x "
+                     f"{p['ns_per_run']:.0f} ns = {p['ns_per_conn']['median']:.0f} ns/conn", ""))
     for prog, p in o["empty"].items():
-        rows.append((bench, f"empty {prog} (open step)", f"{p['runs_per_conn']:.2f} runs/conn x {p['ns_per_run']:.0f} ns", ""))
+        rows.append((bench, f"empty {prog} (open step)",
+                     f"{p['runs_per_conn']:.2f} runs/conn x {p['ns_per_run']:.0f} ns", ""))
     a_runs = o["agent"].get("sock_state", o["agent"].get("accept_fexit", {})).get("runs_per_conn")
     e_runs = o["empty"].get("bench_empty_state", {}).get("runs_per_conn")
     if a_runs and e_runs and abs(a_runs / e_runs - 1) > 0.05:
@@ -192,14 +196,15 @@ def _accept_vm_rows(r: dict) -> list[Row]:
         rows.append((b, "accept_fexit ns/run (TCG-emulated guest: relative numbers only)",
                      f"{fx['ns_per_run']:.0f} ns x {fx['runs_per_conn']:.2f} runs/conn", ""))
     if fx and ef:
-        rows.append((b, "accept_fexit / its empty fexit twin (ns/run)",
-                     f"{fx['ns_per_run']:.0f} / {ef['ns_per_run']:.0f} = x{fx['ns_per_run'] / ef['ns_per_run']:.2f}", ""))
+        a, e = fx["ns_per_run"], ef["ns_per_run"]
+        rows.append((b, "accept_fexit / its empty fexit twin (ns/run)", f"{a:.0f} / {e:.0f} = x{a / e:.2f}", ""))
     for prog in ("sock_state", "sock_state_nested", "sendmsg_fentry", "recvmsg_fexit"):
         if prog in agent:
             rows.append((b, f"{prog} ns/run in the same guest", f"{agent[prog]['ns_per_run']:.0f} ns "
                          f"x {agent[prog]['runs_per_conn']:.2f} runs/conn", ""))
+    raw, work = r["open"]["raw_ns_per_conn"]["median"], r["open"]["over_empty_ns_per_conn"]["median"]
     rows.append((b, "all agent programs per accepted connection, raw / over empty twins (emulated ns)",
-                 f"{r['open']['raw_ns_per_conn']['median']:.0f} / {r['open']['over_empty_ns_per_conn']['median']:.0f}", ""))
+                 f"{raw:.0f} / {work:.0f}", ""))
     return rows
 
 
@@ -212,7 +217,8 @@ def _scale_rows(r: dict) -> list[Row]:
         cap = IDLE_CPU_MAX.get(n)
         rows.append((b, "agent CPU, nobody scraping", f"{idle * 100:.2f}% of a core",
                      f"<= {cap * 100:g}%: {_mark(idle <= cap)}" if cap else ""))
-        rows.append((b, "refresh (snapshot build) median [min..max]", _span(lv["snapshot_build_seconds"], ".4f") + " s", ""))
+        rows.append((b, "refresh (snapshot build) median [min..max]",
+                     _span(lv["snapshot_build_seconds"], ".4f") + " s", ""))
         sc = lv["scrape_seconds"]
         rows.append((b, "scrape /metrics median / p99", f"{_ms(sc['median'])} / {_ms(sc['p99'])}",
                      f"< 100 ms: {_mark(sc['p99'] < SCRAPE_MAX_SECONDS)}" if n >= 100000 else ""))
@@ -235,7 +241,8 @@ def _scale_rows(r: dict) -> list[Row]:
     for lv in lst.get("levels", []):
         b = f"5 scale {lv['listeners']} listeners"
         rows.append((b, "agent CPU, nobody scraping", f"{lv['idle_cpu_fraction'] * 100:.2f}% of a core", ""))
-        rows.append((b, "refresh (snapshot build) median [min..max]", _span(lv["snapshot_build_seconds"], ".4f") + " s", ""))
+        rows.append((b, "refresh (snapshot build) median [min..max]",
+                     _span(lv["snapshot_build_seconds"], ".4f") + " s", ""))
         rows.append((b, "scrape median / agent RSS", f"{_ms(lv['scrape_seconds']['median'])} / "
                      f"{lv['agent_memory']['VmRSS'] / 2**20:.1f} MiB", ""))
         if lv.get("refresh_failure"):
@@ -246,7 +253,8 @@ def _scale_rows(r: dict) -> list[Row]:
     if "before" in pr:
         b = f"5 scale +{pr['added']} processes"
         be, af = pr["before"], pr["after"]
-        rows.append((b, f"fd scan of every process (fds.all_processes), {be['host_processes']} -> {af['host_processes']} processes",
+        rows.append((b, "fd scan of every process (fds.all_processes), "
+                     f"{be['host_processes']} -> {af['host_processes']} processes",
                      f"{_ms(be['fd_scan']['seconds']['median'])} -> {_ms(af['fd_scan']['seconds']['median'])}", ""))
         rows.append((b, "agent CPU, nobody scraping", f"{be['idle_cpu_fraction'] * 100:.2f}% -> "
                      f"{af['idle_cpu_fraction'] * 100:.2f}% of a core", ""))
@@ -337,7 +345,8 @@ def markdown(rows: list[Row], res: dict) -> str:
            f"tree at {m.get('git_head')}" + (f" plus uncommitted changes to {', '.join(x.split()[-1] for x in dirty)}"
                                              if dirty else "") + ". "
            f"Machine: nproc={m['nproc']}, kernel {m['kernel']}, CPU {m['cpu']}; "
-           f"load average {' '.join(m['loadavg_start'])} at the start, {' '.join(m.get('loadavg_end', []))} at the end; "
+           f"load average {' '.join(m['loadavg_start'])} at the start, "
+           f"{' '.join(m.get('loadavg_end', []))} at the end; "
            f"other agents or foreign programs on measured hooks at the start: "
            f"{res.get('noise_at_start', {}).get('summary', '?')}.", ""]
     out += ["| benchmark | measurement | result | target |", "|---|---|---|---|"]

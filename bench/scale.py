@@ -424,8 +424,8 @@ def processes_axis(profile, agent: C.Agent) -> dict:
     finally:
         idle.stop()
     agent.settle()  # their exits are the agent's work too, not the next axis's
-    C.log(f"scale +{profile.idle_processes} processes: fd scan "
-          f"{before['fd_scan']['seconds']['median'] * 1e3:.1f} -> {after['fd_scan']['seconds']['median'] * 1e3:.1f} ms, "
+    scan = [x["fd_scan"]["seconds"]["median"] * 1e3 for x in (before, after)]
+    C.log(f"scale +{profile.idle_processes} processes: fd scan {scan[0]:.1f} -> {scan[1]:.1f} ms, "
           f"idle CPU {before['idle_cpu_fraction'] * 100:.2f}% -> {after['idle_cpu_fraction'] * 100:.2f}%")
     return {"added": profile.idle_processes, "before": before, "after": after}
 
