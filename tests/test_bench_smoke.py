@@ -74,7 +74,8 @@ def test_bench_refuses_beside_another_agent(start_agent, tmp_path):
 
 @pytest.mark.timeout(900)
 def test_bench_smoke(tmp_path):
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # `python -m pytest` from the root has it; the pytest script not
+        sys.path.insert(0, str(ROOT))
     from bench import noise
 
     # alone if it can be: another engineer's agent or programs on this shared
