@@ -1,8 +1,8 @@
 """Shared plumbing for the benchmarks: building, the agent under test,
-sysctls, tracefs, BPF objects, statistics, machine-noise detection.
+sysctls, BPF objects and their run statistics, statistics.
 
 Everything started here is registered and torn down in ``cleanup()``; every
-sysctl changed is restored there too (and on SIGTERM/SIGINT).
+sysctl changed is restored there too (and on SIGTERM/SIGINT/SIGHUP).
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "bench"
 LOADGEN = BUILD / "loadgen"
+EMPTY_OBJ = BUILD / "empty.bpf.o"
 AGENT_OBJ = ROOT / "agent" / "connwatch" / "bpf" / "connwatch.bpf.o"
-TRACEFS = Path("/sys/kernel/tracing")
+# where agents' configuration files and logs go; the VM guest, whose
+# checkout is read-only, points it at its own /tmp
+RUN_DIR = BUILD
 
 _procs: list[subprocess.Popen] = []
 _restores: list = []  # callables, run in reverse order by cleanup()
@@ -56,36 +60,25 @@ def _multiarch() -> str:
         return f"{os.uname().machine}-linux-gnu"
 
 
-def build() -> dict[str, Path]:
-    """Compile the load generator (gcc) and the bench-only BPF objects (clang,
-    same flags as the Makefile's rule for bpf/connwatch.bpf.c)."""
+def build() -> None:
+    """Compile the load generator (gcc) and the bench's empty BPF programs
+    (clang, with the Makefile's flags for bpf/connwatch.bpf.c: the committed
+    vmlinux.h of bpf/vmlinux/<arch>, not one generated from this host)."""
     BUILD.mkdir(parents=True, exist_ok=True)
     src = ROOT / "bench" / "c" / "loadgen.c"
     if _stale(LOADGEN, src):
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(LOADGEN), str(src)], check=True)
-    vmlinux = ROOT / "build" / "vmlinux.h"
-    if not vmlinux.exists():
-        vmlinux = BUILD / "vmlinux.h"
-        if not vmlinux.exists():
-            with open(f"{vmlinux}.tmp", "w") as f:
-                subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "c"],
-                               stdout=f, check=True)
-            os.rename(f"{vmlinux}.tmp", vmlinux)
-    objs = {}
-    for name in ("empty", "alt"):
-        c = ROOT / "bench" / "bpf" / f"{name}.bpf.c"
-        o = BUILD / f"{name}.bpf.o"
-        deps = [c, ROOT / "bpf" / "connwatch.h"] + ([ROOT / "bpf" / "connwatch.bpf.c"] if name == "alt" else [])
-        if _stale(o, *deps):
-            subprocess.run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3",
-                            f"-D__TARGET_ARCH_{_arch()}", f"-I{vmlinux.parent}", f"-I{ROOT / 'bpf'}",
-                            f"-I/usr/include/{_multiarch()}", "-c", str(c), "-o", f"{o}.tmp"], check=True)
-            subprocess.run(["llvm-strip", "-g", f"{o}.tmp"], check=False)
-            os.rename(f"{o}.tmp", o)
-        objs[name] = o
+    vmlinux_dir = ROOT / "bpf" / "vmlinux" / _arch()
+    c = ROOT / "bench" / "bpf" / "empty.bpf.c"
+    if _stale(EMPTY_OBJ, c, vmlinux_dir / "vmlinux.h"):
+        tmp = f"{EMPTY_OBJ}.tmp"
+        subprocess.run(["clang", "-g", "-O2", "-Wall", "-Werror", "-target", "bpf", "-mcpu=v3",
+                        f"-D__TARGET_ARCH_{_arch()}", f"-I{vmlinux_dir}", f"-I{ROOT / 'bpf'}",
+                        f"-I/usr/include/{_multiarch()}", "-c", str(c), "-o", tmp], check=True)
+        subprocess.run(["llvm-strip", "-g", tmp], check=False)
+        os.rename(tmp, EMPTY_OBJ)
     if not AGENT_OBJ.exists():
         raise SystemExit(f"bench: {AGENT_OBJ} missing: run `make bpf` (make bench does)")
-    return objs
 
 
 # ---- processes and cleanup ------------------------------------------------------------
@@ -115,6 +108,11 @@ def reap(p: subprocess.Popen, sig=signal.SIGKILL, timeout: float = 10.0) -> None
         _procs.remove(p)
 
 
+def children() -> list[int]:
+    """Pids of the processes the harness started and has not reaped."""
+    return [p.pid for p in _procs if p.poll() is None]
+
+
 def cleanup() -> None:
     for p in list(reversed(_procs)):
         reap(p, signal.SIGTERM if getattr(p, "graceful", False) else signal.SIGKILL)
@@ -142,7 +140,48 @@ def loadgen(*args, timeout: float = 300) -> dict[str, float]:
     return {k: float(v) for k, v in (kv.split("=") for kv in line.split())}
 
 
-# ---- sysctls and tracefs ----------------------------------------------------------------
+class LineProcess:
+    """A helper process driven line by line over stdin/stdout (servers,
+    holders): started with spawn(), so cleanup() stops it on every way out."""
+
+    def __init__(self, args, env: dict | None = None, what: str = ""):
+        self.what = what or Path(str(args[0])).name
+        self.proc = spawn(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+                          env={**os.environ, **env} if env else None)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def readline(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.what} exited ({self.proc.wait()}) without answering")
+        return line.strip()
+
+    def expect(self, word: str) -> list[str]:
+        """The next line, which must start with `word`: its fields."""
+        fields = self.readline().split()
+        if fields[:1] != [word]:
+            raise RuntimeError(f"{self.what}: expected {word!r}, got {' '.join(fields)!r}")
+        return fields
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """EOF on stdin (every helper then cleans up and exits: idle-procs reaps
+        its children), a kill if it has not exited within the timeout."""
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        reap(self.proc)
+
+
+# ---- sysctls ----------------------------------------------------------------
 
 
 def _sysctl_path(name: str) -> Path:
@@ -173,64 +212,62 @@ def sysctl(name: str, value: str):
             restore()
 
 
-@contextlib.contextmanager
-def tracefs():
-    """Mount tracefs at /sys/kernel/tracing if absent (classic tracepoints need
-    it to be attached by name); unmount afterwards only if we mounted it."""
-    mounted = (TRACEFS / "events").is_dir()
-    if not mounted:
-        subprocess.run(["mount", "-t", "tracefs", "nodev", str(TRACEFS)], check=True)
-
-        def umount():
-            subprocess.run(["umount", str(TRACEFS)], check=False, capture_output=True)
-
-        _restores.append(umount)
-    try:
-        yield TRACEFS
-    finally:
-        if not mounted and umount in _restores:
-            _restores.remove(umount)
-            umount()
-
-
 # ---- BPF ---------------------------------------------------------------------
 
 
-class Bpf:
-    """A BPF object loaded and attached through the project's ctypes loader."""
+@dataclass(frozen=True)
+class ProgramStats:
+    """Cumulative kernel run statistics of one BPF program (bpf_prog_info)."""
 
-    def __init__(self, path: Path, only: set[str] | None = None):
+    run_ns: int
+    runs: int
+
+    def __sub__(self, before: ProgramStats) -> ProgramStats:
+        return ProgramStats(self.run_ns - before.run_ns, self.runs - before.runs)
+
+    @property
+    def ns_per_run(self) -> float:
+        return self.run_ns / self.runs if self.runs else float("nan")
+
+
+def stats_delta(before: dict[str, ProgramStats], after: dict[str, ProgramStats]) -> dict[str, ProgramStats]:
+    return {p: after[p] - before.get(p, ProgramStats(0, 0)) for p in after}
+
+
+class Bpf:
+    """Some programs of a BPF object, loaded and attached through the
+    project's ctypes loader (the bench's empty programs, for instance)."""
+
+    def __init__(self, path: Path, only: set[str]):
         import logging
 
-        from connwatch.libbpf import BpfObject, LibbpfError  # noqa: needs root at use
+        from connwatch.libbpf import BpfObject  # noqa: needs root at use
 
         logging.getLogger("connwatch.libbpf").setLevel(logging.ERROR)  # libbpf's chatter
 
         self.obj = BpfObject(str(path))
-        self.skipped: dict[str, str] = {}
         try:
-            if only is not None:
-                for name, prog in self.obj.programs.items():
-                    prog.autoload = name in only
-            self.obj.load()
+            missing = only - set(self.obj.programs)
+            if missing:
+                raise LookupError(f"{path.name} has no program {', '.join(sorted(missing))}")
             for name, prog in self.obj.programs.items():
-                if not prog.autoload:
-                    continue
-                try:
-                    prog.attach()
-                except LibbpfError as e:  # e.g. a syscall this arch does not have
-                    self.skipped[name] = e.strerror
+                prog.autoload = name in only
+            self.obj.load()
+            for name in sorted(only):
+                self.obj.programs[name].attach()
         except Exception:
             self.obj.close()
             raise
         _restores.append(self.close)
+        note_own_links([os.getpid()])
 
-    @property
-    def attached(self) -> list[str]:
-        return [n for n, p in self.obj.programs.items() if p.attached]
-
-    def run_stats(self) -> dict[str, tuple[int, int]]:
-        return {n: p.run_stats() for n, p in self.obj.programs.items() if p.attached}
+    def run_stats(self) -> dict[str, ProgramStats]:
+        out = {}
+        for name, prog in self.obj.programs.items():
+            if prog.attached:
+                ns, runs, _misses = prog.run_stats()
+                out[name] = ProgramStats(ns, runs)
+        return out
 
     def close(self) -> None:
         if self.close in _restores:
@@ -238,20 +275,20 @@ class Bpf:
         self.obj.close()
 
 
-def syscall_links() -> list[dict]:
-    """BPF links on the syscall tracepoints (raw sys_enter/sys_exit, or perf-event
-    links, which is how classic syscalls:* tracepoint programs attach)."""
-    try:
-        out = subprocess.run(["bpftool", "-j", "link", "show"], capture_output=True, text=True, timeout=10)
-        links = json.loads(out.stdout or "[]")
-    except (OSError, ValueError, subprocess.TimeoutExpired):
-        return []
-    return [lk for lk in links if lk.get("tp_name") in ("sys_exit", "sys_enter")
-            or lk.get("type") == "perf_event"]
+def bpftool_json(*args: str) -> list | dict:
+    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, timeout=30)
+    if out.returncode != 0:
+        raise RuntimeError(f"bpftool {' '.join(args)}: {out.stderr.strip()}")
+    return json.loads(out.stdout or "[]")
 
 
-def own_link_ids(pids) -> set[int]:
-    ids = set()
+_FDINFO_ID = re.compile(r"^(prog_id|link_id):\s*(\d+)", re.M)
+
+
+def fd_object_ids(pids) -> dict[str, set[int]]:
+    """{"prog_id": {...}, "link_id": {...}}: the BPF programs and links the
+    processes hold open (from /proc/<pid>/fdinfo)."""
+    ids: dict[str, set[int]] = {"prog_id": set(), "link_id": set()}
     for pid in pids:
         d = Path(f"/proc/{pid}/fdinfo")
         try:
@@ -260,48 +297,35 @@ def own_link_ids(pids) -> set[int]:
             continue
         for e in entries:
             try:
-                m = re.search(r"^link_id:\s*(\d+)", e.read_text(), re.M)
+                text = e.read_text()
             except OSError:
                 continue
-            if m:
-                ids.add(int(m.group(1)))
+            for kind, num in _FDINFO_ID.findall(text):
+                ids[kind].add(int(num))
     return ids
 
 
-def _foreign_ids(own_pids=()) -> set[int]:
-    own = own_link_ids([os.getpid(), *own_pids])
-    return {lk.get("id") for lk in syscall_links() if lk.get("id") not in own}
+# every BPF link the harness or an agent it started has held: noise.leftovers()
+# checks at the end that none is still attached
+OWN_LINKS: set[int] = set()
 
 
-def foreign_syscall_links(own_pids=()) -> int:
-    """Syscall-tracepoint BPF links that belong to someone else on this machine
-    (other engineers' agents): they slow down our baseline too."""
-    return len(_foreign_ids(own_pids))
+def note_own_links(pids) -> None:
+    """Remember the links these processes hold now (the harness itself, an agent)."""
+    OWN_LINKS.update(fd_object_ids(pids)["link_id"])
 
 
-_persistent: set[int] = set()  # foreign links that outlasted a full wait: not waited for again
-
-
-def wait_quiet(max_wait: float, own_pids=()) -> int:
-    """Wait (up to max_wait s) until nobody else has a program on the syscall
-    tracepoints; returns how many foreign links remain. Links that already
-    outlasted one full wait (e.g. a leaked agent) are not waited for again."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        ids = _foreign_ids(own_pids)
-        if not ids or ids <= _persistent:
-            return len(ids)
-        if time.monotonic() >= deadline:
-            log(f"{len(ids)} foreign syscall-tracepoint BPF links still attached after {max_wait:.0f} s")
-            _persistent.update(ids)
-            return len(ids)
-        time.sleep(0.5)
-
-
-def cpu_busy_seconds() -> float:
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
+def program_stats_of(pid: int) -> dict[str, ProgramStats]:
+    """Run statistics of every BPF program a process holds, by program name
+    without the cw_ prefix (as connwatch_bpf_program_* names them). Read
+    from the kernel at once, not from the agent's last snapshot, so phase
+    boundaries are exact."""
+    held = fd_object_ids([pid])["prog_id"]
+    out = {}
+    for p in bpftool_json("prog", "show"):
+        if p.get("id") in held:
+            out[p["name"].removeprefix("cw_")] = ProgramStats(p.get("run_time_ns", 0), p.get("run_cnt", 0))
+    return out
 
 
 # ---- the agent under test ------------------------------------------------------------
@@ -328,30 +352,38 @@ def parse_metrics(text: str) -> list[tuple[str, dict[str, str], float]]:
     return out
 
 
+def metric(metrics, name: str, **labels) -> float | None:
+    """Sum of the samples of `name` whose labels include `labels`; None if none."""
+    vals = [v for n, lab, v in metrics if n == name and all(lab.get(k) == x for k, x in labels.items())]
+    return sum(vals) if vals else None
+
+
 class Agent:
     """`connwatch run` as a user runs it, on a private loopback port."""
 
     def __init__(self, config: dict | None = None, tag: str = "agent"):
-        self.port = free_port()
-        self.cfg_path = BUILD / f"{tag}-{os.getpid()}.yaml"
         import yaml
 
-        self.cfg_path.write_text(yaml.safe_dump(config or {}))
-        self.syscall_tracing = (config or {}).get("syscall_tracing", True)
-        self.log_path = BUILD / f"{tag}-{os.getpid()}.log"
+        self.config = dict(config or {})
+        self.port = free_port()
+        RUN_DIR.mkdir(parents=True, exist_ok=True)
+        self.cfg_path = RUN_DIR / f"{tag}-{os.getpid()}.yaml"
+        self.cfg_path.write_text(yaml.safe_dump(self.config))
+        self.log_path = RUN_DIR / f"{tag}-{os.getpid()}.log"
         exe = ROOT / ".venv" / "bin" / "connwatch"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "connwatch.cli"]
         self._log = open(self.log_path, "w")
         self.proc = spawn([*cmd, "run", "--web.listen-address", f"127.0.0.1:{self.port}",
-                           "--config.file", self.cfg_path, "--log.level", "warn"],
+                           "--config.file", self.cfg_path, "--log.level", "info"],
                           stdout=self._log, stderr=subprocess.STDOUT)
         self.proc.graceful = True
         t0 = time.monotonic()
-        self.probes: dict[str, bool] = {}
+        self.via: dict[str, str] = {}  # probe -> attach strategy (connwatch_probe_info)
         self._wait_ready()
         self.startup_seconds = time.monotonic() - t0
         if self.startup_seconds > 10:
-            log(f"agent start-up took {self.startup_seconds:.0f} s (probes: {self.probes})")
+            log(f"agent start-up took {self.startup_seconds:.0f} s")
+        note_own_links([self.pid])
 
     @property
     def pid(self) -> int:
@@ -363,15 +395,18 @@ class Agent:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"agent exited ({self.proc.returncode}): {self.log_path.read_text()[-2000:]}")
             try:
-                m = {(n, lab.get("probe")): v for n, lab, v in parse_metrics(self.scrape()[1])}
-                if m.get(("connwatch_ready", None)) == 1:
-                    self.probes = {p: v == 1 for (n, p), v in m.items() if n == "connwatch_probe_enabled"}
-                    want = "sys_exit" if self.syscall_tracing else "inet_sock_set_state"
-                    if m.get(("connwatch_probe_enabled", want)) != 1:
-                        raise RuntimeError(f"agent ready but its {want} probe is not attached")
-                    return
+                m = self.metrics()
             except OSError:
-                pass
+                time.sleep(0.05)
+                continue
+            if metric(m, "connwatch_ready") == 1:
+                self.via = {lab["probe"]: f"{lab['via']}: {lab['attach']}"
+                            for n, lab, _ in m if n == "connwatch_probe_info"}
+                if "connection_state" not in self.via:
+                    raise RuntimeError("agent ready but its connection_state probe is not attached")
+                if self.config.get("syscall_tracing") == "always" and self.hook_armed(m) is False:
+                    raise RuntimeError("agent with syscall_tracing: always has no syscall hook attached")
+                return
             time.sleep(0.05)
         raise RuntimeError(f"agent not ready after {timeout}s: {self.log_path.read_text()[-2000:]}")
 
@@ -391,6 +426,45 @@ class Agent:
 
     def metrics(self):
         return parse_metrics(self.scrape()[1])
+
+    def metrics_after(self, t: float, timeout: float = 30.0):
+        """The metrics of the first snapshot read after Unix time t."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            if (metric(m, "connwatch_snapshot_timestamp_seconds") or 0) > t:
+                return m
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"agent served no snapshot newer than {t:.1f} within {timeout:.0f} s")
+            time.sleep(0.05)
+
+    def hook_armed(self, metrics=None) -> bool | None:
+        """Whether the syscall hook is attached (None on kernels where no
+        probe needs it: connwatch_syscall_hook_armed is then absent)."""
+        v = metric(metrics if metrics is not None else self.metrics(), "connwatch_syscall_hook_armed")
+        return None if v is None else v == 1
+
+    def refresh_failure(self, metrics) -> str | None:
+        """None while the agent's snapshot is fresh; else why its refreshes
+        fail (it keeps serving the last good snapshot, so its numbers would
+        silently stop moving): the snapshot's age and the last exception the
+        agent logged."""
+        taken = metric(metrics, "connwatch_snapshot_timestamp_seconds") or 0
+        interval = self.config.get("refresh_interval_seconds", 2.0)
+        age = time.time() - taken
+        if age < 3 * interval + 1:
+            return None
+        self._log.flush()
+        errors = re.findall(r"^(\w+(?:Error|Exception)\b.*)$", self.log_path.read_text(), re.M)
+        return f"snapshot {age:.0f} s old: refreshes fail ({errors[-1] if errors else 'see ' + str(self.log_path)})"
+
+    def arm_reasons(self) -> list[str]:
+        """Why the syscall hook was armed, each time (from the agent's log)."""
+        self._log.flush()
+        return re.findall(r"syscall hook armed \((.*?)\): counting", self.log_path.read_text())
+
+    def program_stats(self) -> dict[str, ProgramStats]:
+        return program_stats_of(self.pid)
 
     def settle(self, busy_fraction: float = 0.05, window: float = 0.5, timeout: float = 20.0) -> float:
         """Wait until the agent's start-up work is over (its CPU use over one
@@ -421,10 +495,17 @@ class Agent:
         return out
 
     def stop(self) -> None:
+        note_own_links([self.pid])  # an armed syscall hook came after start-up
         reap(self.proc, signal.SIGTERM, timeout=30)
         self._log.close()
         with contextlib.suppress(OSError):
             self.cfg_path.unlink()
+
+
+def cpu_busy_seconds() -> float:
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / os.sysconf("SC_CLK_TCK")
 
 
 # ---- statistics ------------------------------------------------------------------------
@@ -444,8 +525,9 @@ def pctl(xs, q: float):
 
 
 def summary(xs) -> dict:
+    xs = list(xs)
     return {"median": median(xs), "min": min(xs) if xs else float("nan"),
-            "max": max(xs) if xs else float("nan"), "n": len(xs), "values": list(xs)}
+            "max": max(xs) if xs else float("nan"), "n": len(xs), "values": xs}
 
 
 def which(cmd: str) -> bool:

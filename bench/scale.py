@@ -1,11 +1,28 @@
-"""Benchmarks 4 and 5: the agent with many established connections.
+"""Benchmarks 4 and 5: the agent on a host with many connections, many
+listeners, many processes (issue 16 item 3).
 
-Several `loadgen hold-server` processes (at most 19,000 fds each: the hard
-RLIMIT_NOFILE here is 20,000) accept and keep connections that several
-`loadgen hold-client` processes open from 127.0.0.2, 127.0.0.3, ... Each
-level adds connections while the agent runs, then measures the agent's
-/metrics against the ways users count the same thing today, after checking
-that every method reports the same per-process counts.
+Three axes (the connections axis with its own agent, the other two sharing
+one; default configuration but for the refresh interval of the profile):
+
+* connections (1k .. 100k): `loadgen hold-server` processes accept and keep
+  connections that `loadgen hold-client` processes open from 127.0.0.2,
+  127.0.0.3, ...; at each level, after checking that the agent and every
+  baseline count exactly what is held, the agent's CPU with nobody
+  scraping, its snapshot build (refresh) time, scrape latency, RSS, and
+  the ways users count the same thing today;
+* listeners (10 .. 10,000), almost no connections: `loadgen hold-listeners`;
+  the agent's CPU and refresh time, which the listener-stats iterator makes
+  linear in listeners;
+* processes: 2,000 idle processes (`loadgen idle-procs`) on top of what
+  runs: what a per-process fd scan costs (connwatch.fds.all_processes(),
+  which the on-demand syscall hook already runs each refresh here and which
+  issue 14 adds to every refresh), and the agent's CPU and refresh time
+  with and without them.
+
+Every holder process keeps at most ARM_SAFE_SHARE of its RLIMIT_NOFILE
+open, below the agent's arm_ratio (0.5 by default): the agent is measured
+as on a host where no process is near its limit, with its syscall hook
+disarmed (checked at every level).
 """
 
 from __future__ import annotations
@@ -13,14 +30,25 @@ from __future__ import annotations
 import math
 import os
 import re
+import resource
 import subprocess
 import time
 from collections import Counter
 
 from . import common as C
 
-PER_PROCESS_MAX = 19000
-SERVER_PORTS = (21000, 21999)  # holders listen on the first free port of 21000+100*i ... +99
+# below the default arm_ratio (0.5) of each process's RLIMIT_NOFILE, with a margin
+ARM_SAFE_SHARE = 0.4
+
+
+def per_process_max() -> int:
+    """Sockets one holder keeps (it inherits the harness's RLIMIT_NOFILE)."""
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0] * ARM_SAFE_SHARE)
+
+
+SERVER_PORTS = 21000  # holders listen on the first free port of 21000+100*i ... +99
+LISTENER_PORTS = (22000, 31999)  # below the ephemeral range, one loopback address per holder
+SLOW_BASELINE_SECONDS = 5.0  # a baseline slower than this is timed once
 
 
 class Holders:
@@ -29,9 +57,8 @@ class Holders:
         self.opened = [0] * nproc
         for i in range(nproc):
             # a service port below the ephemeral range, as real servers have
-            # (accepted sockets then stay out of the agent's port-use dump)
-            s = C.spawn([C.LOADGEN, "hold-server", PER_PROCESS_MAX, SERVER_PORTS[0] + 100 * i, SERVER_PORTS[0] + 100 * i + 99],
-                        stdout=subprocess.PIPE, text=True, bufsize=1)
+            s = C.spawn([C.LOADGEN, "hold-server", per_process_max(), SERVER_PORTS + 100 * i,
+                         SERVER_PORTS + 100 * i + 99], stdout=subprocess.PIPE, text=True, bufsize=1)
             first = s.stdout.readline().split()
             if first[:1] != ["port"]:
                 raise RuntimeError(f"hold-server: {first}")
@@ -47,14 +74,10 @@ class Holders:
         if line.startswith("accepted "):
             self.accepted[i] = int(line.split()[1])
 
-    @property
-    def server_pids(self) -> list[int]:
-        return [s.pid for s in self.servers]
-
     def grow_to(self, total: int, timeout: float = 60) -> None:
         n = len(self.clients)
         want = [total // n + (1 if i < total % n else 0) for i in range(n)]
-        if max(want) > PER_PROCESS_MAX:
+        if max(want) > per_process_max():
             raise ValueError(f"{total} connections need more than {n} holder processes")
         for i, c in enumerate(self.clients):  # all clients work in parallel
             c.stdin.write(f"{want[i] - self.opened[i]}\n")
@@ -194,6 +217,65 @@ def _map_memory(metrics) -> tuple[int, dict[str, int], dict[str, int]]:
     return sum(mem.values()), mem, ent
 
 
+# ---- what the agent costs at one level -----------------------------------------------------------
+
+
+def idle_cpu(profile, agent: C.Agent) -> float:
+    """The agent's CPU (fraction of a core) while nobody scrapes it, over a
+    whole number of refresh intervals so the count of refreshes in the
+    window does not depend on where it starts."""
+    k = max(1, round(profile.idle_window / profile.agent_refresh))
+    window = k * profile.agent_refresh
+    c0 = agent.cpu_ns()
+    time.sleep(window)
+    return (agent.cpu_ns() - c0) / 1e9 / window
+
+
+def snapshot_builds(profile, agent: C.Agent, n: int) -> list[float]:
+    """connwatch_snapshot_duration_seconds of n distinct refreshes (scraped
+    after the idle window, so the scrapes are not in its CPU)."""
+    seen: list[float] = []
+    last_ts = None
+    deadline = time.monotonic() + n * profile.agent_refresh * 3 + 10
+    while len(seen) < n and time.monotonic() < deadline:
+        m = agent.metrics()
+        ts = C.metric(m, "connwatch_snapshot_timestamp_seconds")
+        if ts != last_ts:
+            last_ts = ts
+            seen.append(C.metric(m, "connwatch_snapshot_duration_seconds"))
+        time.sleep(profile.agent_refresh / 4)
+    return seen
+
+
+def scrapes(agent: C.Agent, n: int) -> tuple[list[float], float]:
+    """n back-to-back scrapes: latencies, and the agent's CPU during them (s)."""
+    lat = []
+    c0 = agent.cpu_ns()
+    for _ in range(n):
+        lat.append(agent.scrape()[0])
+    return lat, (agent.cpu_ns() - c0) / 1e9
+
+
+def _agent_costs(profile, agent: C.Agent, n_scrapes: int) -> dict:
+    idle = idle_cpu(profile, agent)
+    builds = snapshot_builds(profile, agent, profile.snapshot_samples)
+    t0 = time.monotonic()
+    lat, cpu = scrapes(agent, n_scrapes)
+    wall = time.monotonic() - t0
+    m = agent.metrics()
+    armed = agent.hook_armed(m)
+    return {"idle_cpu_fraction": idle,
+            "snapshot_build_seconds": C.summary(builds),
+            "scrape_seconds": {"median": C.median(lat), "p99": C.pctl(lat, 0.99), "max": max(lat), "n": len(lat)},
+            # the scrapes' CPU beyond the agent's idle rate
+            "agent_cpu_seconds_per_scrape": max(0.0, cpu - idle * wall) / len(lat),
+            "agent_memory": agent.memory(),
+            "hook_armed": armed,
+            "refresh_failure": agent.refresh_failure(m),
+            "arm_reason": (agent.arm_reasons() or ["?"])[-1] if armed else None,
+            "metrics": m}
+
+
 def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict:
     t0 = time.monotonic()
     holders.grow_to(level)
@@ -216,73 +298,57 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
             counts = {pid: n for pid, n in counts.items() if pid in expected}
             if counts != expected:
                 raise AssertionError(f"{name} counts {counts} != held {expected} (agent agrees with held)")
+            if times[-1] > SLOW_BASELINE_SECONDS:
+                break
         baselines[name] = C.summary(times)
 
-    # agent: background CPU first (idle window), then the same window with scrapes
-    n = profile.scrapes
-    snap = []
-    c0 = agent.cpu_ns()
-    time.sleep(profile.idle_window)
-    bg_ns_per_s = (agent.cpu_ns() - c0) / profile.idle_window
-    lat = []
-    c0, w0 = agent.cpu_ns(), time.monotonic()
-    for _ in range(n):
-        dt, body = agent.scrape()
-        lat.append(dt)
-        m = re.search(r"^connwatch_snapshot_duration_seconds (\S+)$", body, re.M)
-        if m:
-            snap.append(float(m.group(1)))
-    c1, w1 = agent.cpu_ns(), time.monotonic()
-    cpu_per_scrape = max(0.0, (c1 - c0) - bg_ns_per_s * (w1 - w0)) / n / 1e9
-    # snapshot builds over a few refreshes (one build per refresh interval)
-    while len(set(snap)) < 3:
-        time.sleep(profile.agent_refresh / 3)
-        m = re.search(r"^connwatch_snapshot_duration_seconds (\S+)$", agent.scrape()[1], re.M)
-        snap.append(float(m.group(1)))
-    metrics = agent.metrics()
+    costs = _agent_costs(profile, agent, profile.scrapes)
+    metrics = costs.pop("metrics")
     mem_total, mem, entries = _map_memory(metrics)
     named = {k: baselines[k]["median"] for k in NAMED_BASELINES}
     fastest = min(named, key=named.get)
     fastest_any = min(baselines, key=lambda k: baselines[k]["median"])
+    scrape_median = costs["scrape_seconds"]["median"]
     res = {
         "connections": level,
         "setup_seconds": setup_s,
         "counts_agree": True,
         "per_process": expected,
-        "scrape_seconds": {"median": C.median(lat), "p99": C.pctl(lat, 0.99), "max": max(lat), "n": n},
-        "snapshot_build_seconds": C.summary(sorted(set(snap))),
-        "agent_cpu_seconds_per_scrape": cpu_per_scrape,
-        "agent_background_cpu_fraction": bg_ns_per_s / 1e9,
-        "agent_memory": agent.memory(),
+        **costs,
         "bpf_map_memory_bytes": mem_total,
         "bpf_map_memory": mem,
         "bpf_map_entries": entries,
         "baselines": baselines,
         "fastest_baseline": fastest,
-        "speedup_vs_fastest": named[fastest] / C.median(lat),
+        "speedup_vs_fastest": named[fastest] / scrape_median,
         "fastest_any_baseline": fastest_any,
-        "speedup_vs_fastest_any": baselines[fastest_any]["median"] / C.median(lat),
+        "speedup_vs_fastest_any": baselines[fastest_any]["median"] / scrape_median,
     }
     if level == max(profile.levels) and profile.pyspy_seconds:
         from . import pyspy
 
         res["pyspy_scrapes"] = pyspy.profile_scrapes(agent, profile.pyspy_seconds)
-    C.log(f"scale {level}: scrape {res['scrape_seconds']['median'] * 1e3:.1f} ms "
-          f"(p99 {res['scrape_seconds']['p99'] * 1e3:.1f}), RSS {res['agent_memory']['VmRSS'] / 2**20:.1f} MiB, "
-          f"{fastest} {named[fastest] * 1e3:.0f} ms -> {res['speedup_vs_fastest']:.0f}x")
+    C.log(f"scale {level} connections: idle CPU {res['idle_cpu_fraction'] * 100:.2f}% of a core, refresh "
+          f"{res['snapshot_build_seconds']['median'] * 1e3:.1f} ms, scrape {scrape_median * 1e3:.1f} ms, "
+          f"RSS {res['agent_memory']['VmRSS'] / 2**20:.1f} MiB, {fastest} {named[fastest] * 1e3:.0f} ms")
     return res
 
 
-def scale(profile) -> dict:
+def _agent(profile, tag: str) -> C.Agent:
+    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh}, tag=tag)
+    agent.settle()
+    return agent
+
+
+def connections_axis(profile) -> dict:
     levels = profile.levels
-    nproc = max(profile.holder_procs, math.ceil(max(levels) / PER_PROCESS_MAX))
-    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh,
-                     "syscall_tracing": profile.scale_syscall_tracing}, tag="scale")
+    nproc = max(profile.holder_procs, math.ceil(max(levels) / per_process_max()))
+    agent = _agent(profile, "scale")
     holders = None
     try:
         holders = Holders(nproc)
-        out = {"holder_processes": nproc, "agent_startup_seconds": agent.startup_seconds,
-               "agent_probes": agent.probes, "levels": []}
+        out = {"holder_processes": nproc, "per_process_max": per_process_max(),
+               "agent_startup_seconds": agent.startup_seconds, "agent_via": agent.via, "levels": []}
         for level in levels:
             try:
                 out["levels"].append(measure_level(profile, agent, holders, level))
@@ -295,3 +361,118 @@ def scale(profile) -> dict:
         if holders:
             holders.close()
         agent.stop()
+
+
+# ---- listeners ------------------------------------------------------------------------------
+
+
+def _hold_listeners(n: int, index: int) -> C.LineProcess:
+    p = C.LineProcess([C.LOADGEN, "hold-listeners", n, f"127.0.1.{1 + index}", *LISTENER_PORTS],
+                      what="loadgen hold-listeners")
+    p.expect("listening")
+    return p
+
+
+def _wait_listeners(agent: C.Agent, at_least: int, timeout: float = 30.0) -> int:
+    """Until the agent's listeners map holds at_least entries; raises if its
+    refreshes fail meanwhile (the count would never move)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = agent.metrics()
+        seen = int(C.metric(m, "connwatch_bpf_map_entries", map="listeners") or 0)
+        if seen >= at_least or time.monotonic() > deadline:
+            return seen
+        failure = agent.refresh_failure(m)
+        if failure:
+            raise RuntimeError(f"the agent's {failure}")
+        time.sleep(0.2)
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+
+def _host_processes() -> int:
+    return sum(1 for d in os.listdir("/proc") if d.isdigit())
+
+
+def _time_fd_scan(reps: int) -> dict:
+    """connwatch.fds.all_processes(): open fds and RLIMIT_NOFILE of every
+    process, the per-refresh scan (timed here in the bench's process: the
+    agent does not export how long its own takes)."""
+    from connwatch import fds
+
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        seen = len(fds.all_processes())
+        times.append(time.perf_counter() - t)
+    return {"seconds": C.summary(times), "processes_seen": seen}
+
+
+def processes_axis(profile, agent: C.Agent) -> dict:
+    """The fd scan and the agent's costs before and after adding idle processes."""
+    before = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
+              **_agent_costs(profile, agent, 5)}
+    before.pop("metrics")
+    idle = C.LineProcess([C.LOADGEN, "idle-procs", profile.idle_processes], what="loadgen idle-procs")
+    try:
+        idle.expect("ready")
+        time.sleep(profile.agent_refresh)  # one refresh with them before measuring
+        after = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
+                 **_agent_costs(profile, agent, 5)}
+        after.pop("metrics")
+    finally:
+        idle.stop()
+    agent.settle()  # their exits are the agent's work too, not the next axis's
+    scan = [x["fd_scan"]["seconds"]["median"] * 1e3 for x in (before, after)]
+    C.log(f"scale +{profile.idle_processes} processes: fd scan {scan[0]:.1f} -> {scan[1]:.1f} ms, "
+          f"idle CPU {before['idle_cpu_fraction'] * 100:.2f}% -> {after['idle_cpu_fraction'] * 100:.2f}%")
+    return {"added": profile.idle_processes, "before": before, "after": after}
+
+
+def listeners_axis(profile, agent: C.Agent) -> dict:
+    base = int(C.metric(agent.metrics(), "connwatch_bpf_map_entries", map="listeners") or 0)
+    holders: list[C.LineProcess] = []
+    held = 0
+    out = {"listeners_before": base, "levels": []}
+    try:
+        for level in profile.listener_levels:
+            try:
+                while held < level:  # new holder processes for what is missing, each below its limit
+                    n = min(level - held, per_process_max())
+                    holders.append(_hold_listeners(n, len(holders)))
+                    held += n
+                seen = _wait_listeners(agent, base + level)
+                if seen < base + level:
+                    raise AssertionError(f"{level} listeners held, the agent sees {seen - base}")
+            except Exception as e:  # keep the levels measured so far
+                C.log(f"scale {level} listeners: FAILED: {e}")
+                out["error"] = f"{level} listeners: {type(e).__name__}: {e}"
+                break
+            costs = _agent_costs(profile, agent, max(5, profile.scrapes // 5))
+            costs.pop("metrics")
+            row = {"listeners": level, "agent_listeners": seen, "holder_processes": len(holders), **costs}
+            out["levels"].append(row)
+            C.log(f"scale {level} listeners: idle CPU {row['idle_cpu_fraction'] * 100:.2f}% of a core, "
+                  f"refresh {row['snapshot_build_seconds']['median'] * 1e3:.1f} ms")
+        return out
+    finally:
+        for h in holders:
+            h.stop()
+
+
+def scale(profile) -> dict:
+    out = {"connections": connections_axis(profile)}
+    # one agent for the other two axes, with no connections held: processes
+    # first (idle ones, gone again), then listeners, which only grow
+    agent = _agent(profile, "scale-listeners")
+    try:
+        for name, axis in (("processes", processes_axis), ("listeners", listeners_axis)):
+            try:
+                out[name] = axis(profile, agent)
+            except Exception as e:  # report it, go on with the next axis
+                C.log(f"scale {name}: FAILED: {e}")
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        agent.stop()
+    return out

@@ -1,8 +1,10 @@
 """Smoke test of the benchmark harness (bench/): its smallest configuration
 (`python -m bench --smoke`) must run end to end, produce sane numbers (not
-timing thresholds: this machine is shared) and leave nothing behind.
+timing thresholds: this machine is shared) and leave nothing behind; and it
+must refuse to run beside another connwatch agent.
 
-The smoke profile takes ~22 s here (four agent start-ups of ~0.5 s included).
+The smoke profile took 50-55 s on a moderately loaded machine (11 agent
+start-ups, each ~2.5 s with settling and stopping); the refusal test ~3 s.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,78 +29,129 @@ pytestmark = [
 ]
 
 
-def _loadgens() -> list[int]:
-    pids = []
+def _bench(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _our_helpers() -> list[str]:
+    """Processes of the harness still alive: load generators, echo servers."""
+    found = []
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if os.readlink(d / "exe") == str(LOADGEN):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            exe = os.readlink(d / "exe")
+        except OSError:
+            continue
+        if exe == str(LOADGEN) or any(a.startswith(str(ROOT / "bench" / "servers")) for a in argv):
+            found.append(f"{d.name}: {' '.join(argv)}")
+    return found
 
 
-def _tracefs_mounted() -> bool:
-    return os.path.isdir("/sys/kernel/tracing/events")
+def _bench_programs() -> list[str]:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True, check=True).stdout
+    return [p["name"] for p in json.loads(out or "[]") if p.get("name", "").startswith("bench_")]
 
 
 def _finite_positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-@pytest.mark.timeout(600)
+def test_bench_refuses_beside_another_agent(start_agent, tmp_path):
+    agent = start_agent()
+    proc = _bench("--smoke", "--only", "syscall", "--json", str(tmp_path / "r.json"),
+                  "--markdown", str(tmp_path / "r.md"), timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("bench: refusing to run beside "), lines[0]
+    assert re.search(rf"\bpid {agent.proc.pid}\b", lines[0]) and "--allow-noise" in lines[0], lines[0]
+    assert not (tmp_path / "r.json").exists()  # nothing ran
+    assert _our_helpers() == []
+
+
+@pytest.mark.timeout(900)
 def test_bench_smoke(tmp_path):
+    if str(ROOT) not in sys.path:  # `python -m pytest` from the root has it; the pytest script not
+        sys.path.insert(0, str(ROOT))
+    from bench import noise
+
+    # alone if it can be: another engineer's agent or programs on this shared
+    # machine are not this test's failure, but then the table must say so
+    noisy = bool(noise.survey())
     stats_before = Path("/proc/sys/kernel/bpf_stats_enabled").read_text()
-    tracefs_before = _tracefs_mounted()
     out = tmp_path / "results.json"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--json", str(out),
-                           "--markdown", str(tmp_path / "results.md")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    proc = _bench("--smoke", *(["--allow-noise"] if noisy else []), "--json", str(out),
+                  "--markdown", str(tmp_path / "results.md"), timeout=840)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
     r = json.loads(out.read_text())
 
     # it printed the table, with every benchmark of the profile in it
-    for b in ("1 churn", "2 syscall", "3 BPF cost", "4/5 scale"):
+    for b in ("1 churn", "2 syscall", "1 ws node", "1 ws python", "3 accept", "4/5 scale", "5 scale"):
         assert b in proc.stdout, proc.stdout
+    assert ("NOISE" in proc.stdout) == noisy, proc.stdout
     assert r["machine"]["nproc"] >= 1 and r["machine"]["kernel"]
 
     c = r["churn"]
-    assert _finite_positive(c["rate_off"]["median"]) and _finite_positive(c["rate_on"]["median"])
-    assert 0.05 < c["ratio"]["median"] < 20  # a ratio, of two real measurements
-    assert c["agent_alive_after_load"] and all(c["agent_alive_after_load"])
-    n = c["no_syscall_tracing"]  # the same, with the agent's syscall hook switched off
-    assert _finite_positive(n["rate_on"]["median"]) and all(n["agent_alive_after_load"])
+    for cond in ("none", "agent", "agent_always"):
+        assert _finite_positive(c["rate"][cond]["median"]), cond
+    for cond in ("agent", "agent_always"):
+        assert 0.05 < c[cond]["ratio"]["median"] < 20  # a ratio of two real measurements
+        assert all(c[cond]["agent_alive_after_load"])
 
     s = r["syscall"]
     for mode in ("getppid", "pipe"):
-        for cond in ("none", "agent", "agent_no_syscalls", "cw_sys_exit", "empty", "alt"):
-            assert _finite_positive(s[mode][cond]["ns_per_iter"]["median"]), (mode, cond)
+        for cond in ("none", "agent", "agent_always", "empty_sys_exit"):
+            assert _finite_positive(s[mode][cond]["cpu_ns"]["median"]), (mode, cond)
     # a pipe round trip is two syscalls that move data: dearer than one getppid
-    assert s["pipe"]["none"]["ns_per_iter"]["median"] > s["getppid"]["none"]["ns_per_iter"]["median"]
+    assert s["pipe"]["none"]["cpu_ns"]["median"] > s["getppid"]["none"]["cpu_ns"]["median"]
 
-    b = r["bpfcost"]
-    agent, empty, alt = b["agent"]["programs"], b["empty"]["programs"], b["alt"]["programs"]
-    assert agent["sys_exit"]["runs"] > 1000  # from the agent's connwatch_bpf_program_* metrics
-    assert _finite_positive(agent["sys_exit"]["ns_per_event"])
-    assert agent["inet_sock_set_state"]["runs"] > 0
-    assert empty["bench_empty_exit"]["runs"] > 1000
-    assert "alt_accept4" in alt and alt["alt_accept4"]["runs"] > 0
-    for who in ("agent", "empty", "alt"):
-        assert _finite_positive(b[who]["bpf_ns_per_connection"]), who
-    assert b["bpf_stats_enabled_after"] == b["bpf_stats_enabled_before"]
+    w = r["ws"]
+    for server in ("node", "python"):
+        ws = w[server]
+        for cond in ("none", "agent", "agent_always"):
+            assert _finite_positive(ws[cond]["rate"]["median"]), (server, cond)
+        bpf = ws["bpf"]
+        agent, empty = bpf["agent"]["programs"], bpf["empty_send_recv"]["programs"]
+        # every echo is a send and a receive at each end (counts are host-wide: at least that)
+        assert agent["sock_send"]["runs_per_msg"] > 1.9 and agent["sock_recv"]["runs_per_msg"] > 1.9, agent
+        assert empty["bench_empty_send"]["runs_per_msg"] > 1.9, empty
+        assert "sys_exit" in bpf["agent_always"]["programs"]
+        # the default agent's hook stays off unless some process on the host nears a limit
+        assert "sys_exit" not in agent or bpf["agent"]["hook_armed_phases"], agent
+        # the agent exports what the kernel counted (connwatch_bpf_program_runs_total)
+        assert bpf["agent"]["exported_missing"] == [] and bpf["agent_always"]["exported_missing"] == []
+        assert all(x["n"] == 1 for x in bpf["excess_ns_per_run"].values()), bpf["excess_ns_per_run"]
 
-    lv = r["scale"]["levels"][0]
+    a = r["bpfcost"]
+    opened = a["open"]["agent"]
+    # each accepted connection: its handshake on inet_sock_set_state (both
+    # programs), and its first read claimed in sock_recv
+    assert opened["sock_state"]["runs_per_conn"] >= 1 and opened["sock_state_nested"]["runs_per_conn"] >= 1
+    assert opened["sock_recv"]["runs_per_conn"] >= 1
+    assert _finite_positive(a["open"]["raw_ns_per_conn"]["median"])
+    assert a["open"]["empty"]["bench_empty_state"]["runs_per_conn"] >= 1
+
+    sc = r["scale"]
+    lv = sc["connections"]["levels"][0]
     assert lv["counts_agree"] and sum(lv["per_process"].values()) == lv["connections"]
-    sc = lv["scrape_seconds"]
-    assert _finite_positive(sc["median"]) and sc["p99"] >= sc["median"]
+    assert lv["scrape_seconds"]["p99"] >= lv["scrape_seconds"]["median"] > 0
+    assert _finite_positive(lv["idle_cpu_fraction"]) and _finite_positive(lv["snapshot_build_seconds"]["median"])
     assert lv["agent_memory"]["VmRSS"] > 10 * 2**20
     assert lv["bpf_map_memory_bytes"] > 0 and lv["bpf_map_entries"]["procs"] > 0
     for name, t in lv["baselines"].items():
         assert _finite_positive(t["median"]), name
-    assert _finite_positive(lv["speedup_vs_fastest"])
+    levels = sc["listeners"]["levels"]
+    assert [x["listeners"] for x in levels] == list(r["settings"]["listener_levels"])
+    assert all(x["agent_listeners"] >= x["listeners"] for x in levels)
+    pr = sc["processes"]
+    assert pr["after"]["fd_scan"]["processes_seen"] > pr["added"] > 0
 
-    # nothing left behind
+    # nothing left behind: links (the harness checks bpftool itself), programs,
+    # processes, the sysctl it turned on for the bpf_stats phases
+    assert "cleanup" not in r["errors"]
+    assert _bench_programs() == []
+    assert _our_helpers() == []
     assert Path("/proc/sys/kernel/bpf_stats_enabled").read_text() == stats_before
-    assert _tracefs_mounted() == tracefs_before
-    assert _loadgens() == []
