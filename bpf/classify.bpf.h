@@ -26,6 +26,8 @@ struct {
 	__type(value, __u64);
 } upgrades SEC(".maps");
 
+#define PEEK_MASK (CW_PEEK_LEN - 1) /* CW_PEEK_LEN is a power of two */
+
 /* Scratch space for the first bytes of an exchange (too big for the stack). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -57,24 +59,45 @@ static __always_inline const void *io_buffer(long nr, unsigned long arg, __u64 *
 	return iov.iov_base;
 }
 
-/* Copy up to CW_PEEK_LEN bytes of the current syscall's buffer; returns the count. */
-static __always_inline __u32 peek_io(int moved, char **out)
+/* The user buffer of the current send/recv and how much of it moved. */
+struct io_view {
+	const void *ubuf;
+	__u64 len;
+};
+
+static __always_inline bool current_io(int moved, struct io_view *io)
 {
 	struct pt_regs *regs = current_user_regs();
-	__u64 len = moved;
-	__u32 zero = 0;
-	const void *ubuf;
-	char *buf;
 
 	if (!regs)
+		return false;
+	io->len = moved;
+	io->ubuf = io_buffer(syscall_nr(regs), PT_REGS_PARM2_CORE_SYSCALL(regs), &io->len);
+	return io->ubuf && io->len;
+}
+
+/*
+ * Copy the first `want` bytes (at most CW_PEEK_LEN, at most what moved) of
+ * the buffer; returns how many, with *out pointing at them. Only as many
+ * as the next check needs: most first exchanges are decided by a few bytes.
+ */
+static __always_inline __u32 peek(const struct io_view *io, __u64 want, char **out)
+{
+	__u64 len = io->len < want ? io->len : want;
+	__u32 zero = 0;
+	char *buf;
+
+	if (!len)
 		return 0;
-	ubuf = io_buffer(syscall_nr(regs), PT_REGS_PARM2_CORE_SYSCALL(regs), &len);
+	/*
+	 * 1..CW_PEEK_LEN by arithmetic the verifier can follow: clang turns a
+	 * compare-and-clamp into a form whose bound is lost across the spill
+	 * between the two inlined peeks ("R2 unbounded memory access").
+	 */
+	len = len > CW_PEEK_LEN ? CW_PEEK_LEN : len;
+	len = ((len - 1) & PEEK_MASK) + 1;
 	buf = bpf_map_lookup_elem(&peek_buf, &zero);
-	if (!ubuf || !buf || len == 0)
-		return 0;
-	if (len > CW_PEEK_LEN)
-		len = CW_PEEK_LEN;
-	if (bpf_probe_read_user(buf, len, ubuf))
+	if (!buf || bpf_probe_read_user(buf, len, io->ubuf))
 		return 0;
 	*out = buf;
 	return len;
@@ -95,7 +118,6 @@ static __always_inline __u8 fold(char c)
 	(((__u64)(a) << 56) | ((__u64)(b) << 48) | ((__u64)(c) << 40) |          \
 	 ((__u64)(d) << 32) | ((__u64)(e) << 24) | ((__u64)(f) << 16) |          \
 	 ((__u64)(g) << 8) | (__u64)(h))
-#define PEEK_MASK (CW_PEEK_LEN - 1)
 
 static __always_inline bool is_blank(char c)
 {
@@ -160,7 +182,7 @@ static __always_inline __u16 http_status(const char *buf, __u32 len)
 }
 
 /* The process doing a connection's first I/O owns it from now on. */
-static __always_inline void take_ownership(struct sock *sk, struct cw_sock *s)
+static __always_inline void take_ownership(const struct sock *sk, struct cw_sock *s)
 {
 	__u32 tgid = current_tgid();
 	__u64 pstart;
@@ -185,37 +207,41 @@ static __always_inline void count_upgrade(const struct cw_sock *s, __u16 status)
 	add_u64(&upgrades, CW_MAP_UPGRADES, &key, 1);
 }
 
+/* Bytes to tell TLS (6) and an HTTP GET (4) apart, and an HTTP status line (12). */
+#define CW_REQUEST_HEAD 8
+#define CW_STATUS_LINE 12
+
 /* Inbound bytes of a new connection: an upgrade request, TLS, or plain TCP. */
-static __always_inline void classify_request(struct sock *sk, struct cw_sock *s, int moved)
+static __always_inline void classify_request(const struct sock *sk, struct cw_sock *s, int moved)
 {
+	struct io_view io;
 	char *buf = NULL;
-	__u32 len;
+	__u32 len = 0;
 
 	take_ownership(sk, s);
-	s->class_state = CW_CLASS_DONE;
-	len = peek_io(moved, &buf);
-	if (!len || !buf)
-		return;
-	if (is_tls_client_hello(buf, len)) {
+	if (current_io(moved, &io))
+		len = peek(&io, CW_REQUEST_HEAD, &buf);
+	if (len && buf && is_tls_client_hello(buf, len)) {
 		reassign(s, s->tgid, s->pstart, CW_KIND_TLS);
-		return;
+	} else if (len > 4 && buf && buf[0] == 'G' && buf[1] == 'E' && buf[2] == 'T' && buf[3] == ' ') {
+		len = peek(&io, CW_PEEK_LEN, &buf);
+		if (len && buf && requests_websocket(buf, len)) {
+			s->class_state = CW_CLASS_UPGRADE_REQ; /* the answer decides */
+			return;
+		}
 	}
-	if (len > 4 && buf[0] == 'G' && buf[1] == 'E' && buf[2] == 'T' && buf[3] == ' ' &&
-	    requests_websocket(buf, len))
-		s->class_state = CW_CLASS_UPGRADE_REQ;
+	classified(s);
 }
 
 /* Outbound bytes after an upgrade request: 101 makes a WebSocket. */
 static __always_inline void classify_response(struct cw_sock *s, int moved)
 {
+	struct io_view io;
 	char *buf = NULL;
-	__u32 len = peek_io(moved, &buf);
-	__u16 status;
+	__u32 len = current_io(moved, &io) ? peek(&io, CW_STATUS_LINE, &buf) : 0;
+	__u16 status = len && buf ? http_status(buf, len) : 0;
 
-	s->class_state = CW_CLASS_DONE;
-	if (!len || !buf)
-		return;
-	status = http_status(buf, len);
+	classified(s);
 	if (!status)
 		return;
 	count_upgrade(s, status);
@@ -224,25 +250,25 @@ static __always_inline void classify_response(struct cw_sock *s, int moved)
 }
 
 /* `moved` bytes were received on sk. */
-static __always_inline void on_recv(struct sock *sk, int moved)
+static __always_inline void on_recv(const struct sock *sk, int moved)
 {
 	struct cw_sock *s;
 
 	if (moved <= 0)
 		return;
-	s = sock_lookup_new(sk);
+	s = sock_lookup_unclassified(sk);
 	if (s && s->class_state == CW_CLASS_NEW)
 		classify_request(sk, s, moved);
 }
 
 /* `moved` bytes are being (or were) sent on sk. */
-static __always_inline void on_send(struct sock *sk, int moved)
+static __always_inline void on_send(const struct sock *sk, int moved)
 {
 	struct cw_sock *s;
 
 	if (moved <= 0)
 		return;
-	s = sock_lookup_new(sk);
+	s = sock_lookup_unclassified(sk);
 	if (!s || s->class_state == CW_CLASS_DONE)
 		return;
 	if (s->class_state == CW_CLASS_UPGRADE_REQ) {
@@ -250,7 +276,7 @@ static __always_inline void on_send(struct sock *sk, int moved)
 	} else {
 		/* the server spoke first: not an HTTP upgrade */
 		take_ownership(sk, s);
-		s->class_state = CW_CLASS_DONE;
+		classified(s);
 	}
 }
 

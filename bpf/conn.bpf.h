@@ -3,15 +3,14 @@
  * Connection accounting: which accepted connections are open, who owns and
  * who accepted each, per port, kind and peer, and how long they lived.
  *
- * Where it is kept. On kernels whose tracing programs may use socket local
- * storage (v5.11, "bpf: Allow using bpf_sk_storage in FENTRY/FEXIT/RAW_TP")
- * and when every attached strategy passes typed socket pointers, connections
- * seen being accepted live in `sock_store`: the lookup on every send and
- * receive is a pointer or two, the entry dies with the socket, and no table
- * sized for the worst case is needed. Connections found in fd tables at
- * start-up (the iterator reaches them through untyped pointers) and, on
- * other kernels, every connection live in the `socks` hash keyed by the
- * struct sock address.
+ * Tracked connections live in the `socks` hash, keyed by the struct sock
+ * address. Not in socket local storage, though its lookup is cheaper: on
+ * the development host creating and deleting one storage element costs
+ * ~1.35 us per connection against ~0.3 us for a preallocated hash entry
+ * (bench/bpf/store_cost.bpf.c), and what every send and receive on the
+ * host pays is kept small another way: the `unclassified` count lets them
+ * skip the lookup whenever no tracked connection still waits for its
+ * first exchange.
  */
 #ifndef CW_CONN_BPF_H
 #define CW_CONN_BPF_H
@@ -25,16 +24,8 @@
 #include "sock.bpf.h"
 
 /* Filled in by the loader before load. */
-const volatile bool use_sk_storage = false;
 const volatile __u16 websocket_ports[CW_WS_PORTS_MAX] = {};
 const volatile __u32 websocket_ports_len = 0;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct cw_sock);
-} sock_store SEC(".maps");
 
 /* Capacities are placeholders: the loader sets them from configuration. */
 struct {
@@ -44,7 +35,7 @@ struct {
 	__type(value, struct cw_sock);
 } socks SEC(".maps");
 
-/* Live tracked connections, both stores (hash maps do not report their size). */
+/* Live entries of `socks` (hash maps do not report their size). */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
@@ -74,54 +65,29 @@ struct {
 } durations SEC(".maps");
 
 /*
- * Entries of `socks` while socket storage is in use: only connections
- * seeded at start-up. When none are left, a socket storage miss is final
- * and closes skip the hash lookup.
+ * Tracked connections whose class_state is not yet CW_CLASS_DONE. Zero most
+ * of the time on a server of long-lived connections: then a send or
+ * receive costs one load of this variable. A count that drifts from a
+ * rare race (two CPUs finishing one socket's classification) only costs
+ * lookups, never a missed classification, as long as it stays above zero.
  */
-__s64 seeded_socks = 0;
-
-/*
- * While the start-up seeding runs (set by the agent), a connection can be
- * accepted into socket storage and found in an fd table by the seeding walk
- * at the same time, and the walk cannot look into socket storage (it
- * reaches sockets through untyped pointers). Both sides then claim the
- * socket here first; the insert that wins decides who tracks it. Emptied by
- * the agent when seeding ends.
- */
-__u32 seeding_active = 0;
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__uint(max_entries, 262144);
-	__type(key, __u64);
-	__type(value, __u8);
-} seed_claims SEC(".maps");
+__s64 unclassified = 0;
 
 /*
  * Without an accept hook (count_at_handshake): connections whose handshake
- * completed, waiting to be seen accepted. They are tracked (so a close is
- * never missed) but not counted: a connection in the accept queue is not
- * the application's yet, as with the accept hook. The first of these
- * counts one: its first I/O (the process doing it owns it), a state
- * change while a process holds it (sk_socket set by accept()), or the
- * refresh walk finding sk_socket set (a silent connection: the listener's
- * owner owns it) — whoever deletes its entry here.
+ * completed, waiting to be seen accepted (their `socks` entry has queued
+ * set). They are tracked, so a close is never missed, but not counted: a
+ * connection in the accept queue is not the application's yet, as with
+ * the accept hook. The first of these counts one: its first I/O (the
+ * process doing it owns it), a process closing it untouched, or the
+ * refresh walk finding it grafted by accept() (a silent connection: the
+ * listener's owner owns it) — whoever deletes its key here.
  */
-struct queued_conn {
-	__u64 pstart;		/* the listener's owner */
-	__u8 peer[CW_ADDR_LEN];
-	__u32 tgid;
-	__u16 lport;
-	__u8 kind;
-	__u8 close_wait;
-};
-
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
-	__type(value, struct queued_conn);
+	__type(value, __u8);
 } queued SEC(".maps");
 
 /* Where a socket was first seen. */
@@ -133,84 +99,29 @@ enum seen_at {
 
 /* ---- the store ------------------------------------------------------------ */
 
-/* The store a connection seen at `at` goes into. */
-static __always_inline bool in_storage(enum seen_at at)
+static __always_inline struct cw_sock *sock_lookup(const struct sock *sk)
 {
-	return use_sk_storage && at != SEEN_IN_FD_TABLE;
+	__u64 key = (__u64)sk;
+
+	return bpf_map_lookup_elem(&socks, &key);
 }
 
 /*
- * The entry of a socket that can still be classified: only connections
- * seen being accepted are (seeded ones are past their first exchange), so
- * with socket storage this is the storage lookup alone — what every send
- * and receive on the host pays.
+ * The entry of a socket that may still be classified, for the send and
+ * receive hooks: skips the lookup when no tracked connection is.
  */
-static __always_inline struct cw_sock *sock_lookup_new(struct sock *sk)
+static __always_inline struct cw_sock *sock_lookup_unclassified(const struct sock *sk)
 {
-	__u64 key = (__u64)sk;
-
-	if (use_sk_storage)
-		return bpf_sk_storage_get(&sock_store, sk, 0, 0);
-	return bpf_map_lookup_elem(&socks, &key);
+	return unclassified ? sock_lookup(sk) : NULL;
 }
 
-/* The entry of any tracked socket; *stored says which store holds it. */
-static __always_inline struct cw_sock *sock_lookup(struct sock *sk, bool *stored)
+/* s's first exchange is decided: no more looking at its data. */
+static __always_inline void classified(struct cw_sock *s)
 {
-	__u64 key = (__u64)sk;
-	struct cw_sock *s;
-
-	*stored = false;
-	if (use_sk_storage) {
-		s = bpf_sk_storage_get(&sock_store, sk, 0, 0);
-		if (s || !seeded_socks) {
-			*stored = true;
-			return s;
-		}
-	}
-	return bpf_map_lookup_elem(&socks, &key);
-}
-
-/* See seeding_active: false if the other side of the race has the socket. */
-static __always_inline bool claim_from_seeding(struct sock *sk)
-{
-	__u64 key = (__u64)sk;
-	__u8 one = 1;
-
-	if (!use_sk_storage || !seeding_active)
-		return true;
-	return bpf_map_update_elem(&seed_claims, &key, &one, BPF_NOEXIST) == 0;
-}
-
-/* 0 if inserted, -EEXIST if tracked already, another error if full. */
-static __always_inline long sock_insert(struct sock *sk, struct cw_sock *s, enum seen_at at)
-{
-	__u64 key = (__u64)sk;
-
-	if (!claim_from_seeding(sk))
-		return -EEXIST;
-	if (!in_storage(at))
-		return bpf_map_update_elem(&socks, &key, s, BPF_NOEXIST);
-	if (bpf_sk_storage_get(&sock_store, sk, 0, 0))
-		return -EEXIST;
-	if (bpf_sk_storage_get(&sock_store, sk, s, BPF_SK_STORAGE_GET_F_CREATE))
-		return 0;
-	/* a concurrent create wins the race and leaves us NULL too */
-	return bpf_sk_storage_get(&sock_store, sk, 0, 0) ? -EEXIST : -ENOMEM;
-}
-
-/* True if this caller removed the entry (and so accounts for its end). */
-static __always_inline bool sock_delete(struct sock *sk, bool stored)
-{
-	__u64 key = (__u64)sk;
-
-	if (stored)
-		return bpf_sk_storage_delete(&sock_store, sk) == 0;
-	if (bpf_map_delete_elem(&socks, &key))
-		return false;
-	if (use_sk_storage)
-		atomic_add(&seeded_socks, -1);
-	return true;
+	if (s->class_state == CW_CLASS_DONE)
+		return;
+	s->class_state = CW_CLASS_DONE;
+	atomic_add(&unclassified, -1);
 }
 
 static __always_inline void socks_live_add(__s64 delta)
@@ -350,21 +261,21 @@ static __always_inline void init_sock(struct cw_sock *s, const struct sock *sk, 
 }
 
 /*
- * Stop tracking sk, whose entry s is in socket storage (stored) or the hash.
- * Only the caller that wins the delete accounts for the end, so a close is
- * counted once however many paths race for it. lifetime_known=false: its
- * end is unknown, no duration recorded.
+ * Stop tracking sk, whose entry is s. Only the caller that wins the delete
+ * accounts for the end, so a close is counted once however many paths race
+ * for it. lifetime_known=false: its end is unknown, no duration recorded.
  */
-static __always_inline bool end_entry(struct sock *sk, const struct cw_sock *s, bool stored,
-				      bool lifetime_known)
+static __always_inline bool end_entry(const struct sock *sk, const struct cw_sock *s, bool lifetime_known)
 {
 	struct cw_sock copy = *s;
 	__u64 key = (__u64)sk;
 	bool counted = true;
 
-	if (!sock_delete(sk, stored))
+	if (bpf_map_delete_elem(&socks, &key))
 		return false;
 	socks_live_add(-1);
+	if (copy.class_state != CW_CLASS_DONE)
+		atomic_add(&unclassified, -1);
 	if (copy.queued && !bpf_map_delete_elem(&queued, &key)) {
 		/*
 		 * Never counted: it ends while still queued (reset by the peer;
@@ -383,14 +294,12 @@ static __always_inline bool end_entry(struct sock *sk, const struct cw_sock *s, 
 }
 
 /* TCP_CLOSE of sk: the end of its connection, if it is a tracked one. */
-static __always_inline void close_entry(struct sock *sk)
+static __always_inline void close_entry(const struct sock *sk)
 {
-	struct cw_sock *s;
-	bool stored;
+	struct cw_sock *s = sock_lookup(sk);
 
-	s = sock_lookup(sk, &stored);
 	if (s)
-		end_entry(sk, s, stored, true);
+		end_entry(sk, s, true);
 }
 
 static __always_inline bool same_connection(const struct cw_sock *a, const struct cw_sock *b)
@@ -401,12 +310,11 @@ static __always_inline bool same_connection(const struct cw_sock *a, const struc
 }
 
 /*
- * A hash entry found at a new socket's address: is it this very socket,
- * or one whose TCP_CLOSE was missed and whose memory was reused? At the
- * handshake: this one if it has the same addresses and ports (the second
- * of the two state-change programs). At accept: this one if the start-up
- * seeding found it a moment ago (no accept time). In an fd table: always.
- * (Socket storage dies with its socket: its entries are never stale.)
+ * An entry found at a new socket's address: is it this very socket, or one
+ * whose TCP_CLOSE was missed and whose memory was reused? At the handshake:
+ * this one if it has the same addresses and ports (the second of the two
+ * state-change programs). At accept: this one if the start-up seeding
+ * found it a moment ago (no accept time). In an fd table: always.
  */
 static __always_inline bool is_this_socket(const struct cw_sock *old, const struct cw_sock *s,
 					   enum seen_at at)
@@ -418,78 +326,79 @@ static __always_inline bool is_this_socket(const struct cw_sock *old, const stru
 	return true;
 }
 
-/* Drop a stale hash entry at sk (see is_this_socket), accounting its close. */
-static __always_inline bool forget_stale(struct sock *sk, const struct cw_sock *old)
+/* Drop a stale entry at sk (see is_this_socket), accounting its close. */
+static __always_inline bool forget_stale(const struct sock *sk, const struct cw_sock *old)
 {
-	return old->accepted_ns && end_entry(sk, old, false, false);
+	return old->accepted_ns && end_entry(sk, old, false);
 }
 
 /*
- * Start tracking sk as s. Its gauges are added before the insert and undone
+ * Start tracking sk as s. Its counts are added before the insert and undone
  * if it fails, so a close racing on another CPU never subtracts what was
  * not added; its accept is counted once the entry exists (a connection that
- * could not be tracked is counted in map_full instead).
+ * could not be tracked is counted in map_full instead). At the handshake it
+ * is queued, not counted (see `queued`).
  */
-static __always_inline void track(struct sock *sk, struct cw_sock *s, enum seen_at at)
+static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum seen_at at)
 {
-	struct queued_conn q = { .pstart = s->pstart, .tgid = s->tgid, .lport = s->lport, .kind = s->kind };
+	bool unclassified_one = s->class_state != CW_CLASS_DONE;
 	__u64 key = (__u64)sk;
 	struct cw_sock *old;
+	__u8 one = 1;
 	long err;
 
 	if (sock_state(sk) == TCP_CLOSE_WAIT)
 		s->close_wait = 1; /* the peer closed while it waited in the accept queue */
 	s->queued = at == SEEN_AT_HANDSHAKE;
-	if (s->queued) {
-		__builtin_memcpy(q.peer, s->peer, CW_ADDR_LEN);
-		q.close_wait = s->close_wait;
-		if (bpf_map_update_elem(&queued, &key, &q, BPF_NOEXIST))
-			return; /* the second state-change program (or the map is full: uncounted) */
-	} else {
+	if (!s->queued)
 		count_connection(s, 1);
-	}
-	err = sock_insert(sk, s, at);
-	if (err == -EEXIST && !in_storage(at)) {
+	if (unclassified_one)
+		atomic_add(&unclassified, 1); /* before the entry exists: no first send is skipped */
+	err = bpf_map_update_elem(&socks, &key, s, BPF_NOEXIST);
+	if (err == -EEXIST) {
 		old = bpf_map_lookup_elem(&socks, &key);
 		if (old && !is_this_socket(old, s, at) && forget_stale(sk, old))
-			err = sock_insert(sk, s, at);
+			err = bpf_map_update_elem(&socks, &key, s, BPF_NOEXIST);
+	}
+	if (!err && s->queued && bpf_map_update_elem(&queued, &key, &one, BPF_NOEXIST)) {
+		count_map_full(CW_MAP_QUEUED); /* could never be settled: not tracked either */
+		bpf_map_delete_elem(&socks, &key);
+		err = -E2BIG;
 	}
 	if (err) {
-		/* -EEXIST: tracked already; anything else: the store is full */
-		if (err != -EEXIST)
+		/* -EEXIST: tracked already; anything else: a map is full */
+		if (err == -E2BIG)
 			count_map_full(CW_MAP_SOCKS);
-		if (s->queued)
-			bpf_map_delete_elem(&queued, &key);
-		else
+		if (!s->queued)
 			count_connection(s, -1);
+		if (unclassified_one)
+			atomic_add(&unclassified, -1);
 		return;
 	}
 	socks_live_add(1);
 	if (at == SEEN_AT_ACCEPT)
 		acceptor_count(s, 1, 0);
-	else if (at == SEEN_IN_FD_TABLE && use_sk_storage)
-		atomic_add(&seeded_socks, 1);
 	/*
 	 * A peer may have reset the connection while it sat in the accept
 	 * queue, or just now on another CPU, before our entry existed: then no
 	 * TCP_CLOSE event will come for it.
 	 */
 	if (sock_state(sk) == TCP_CLOSE) {
-		old = in_storage(at) ? bpf_sk_storage_get(&sock_store, sk, 0, 0) : bpf_map_lookup_elem(&socks, &key);
+		old = bpf_map_lookup_elem(&socks, &key);
 		if (old)
-			end_entry(sk, old, in_storage(at), true);
+			end_entry(sk, old, true);
 	}
 }
 
 /*
  * A queued connection (see `queued`) was seen accepted, owned by (tgid,
  * pstart): count it, unless someone else did (the refresh walk, under the
- * listener's owner) or its close is being accounted. Counted before the
- * entry in `queued` is deleted, and undone if that delete loses: a close
- * racing on another CPU, which subtracts only once the entry is gone, then
- * never subtracts what was not added yet. True if this call counted it.
+ * listener's owner) or its close is being accounted. Counted before its key
+ * in `queued` is deleted, and undone if that delete loses: a close racing
+ * on another CPU, which subtracts only once the key is gone, then never
+ * subtracts what was not added yet. True if this call counted it.
  */
-static __always_inline bool settle_queued(struct sock *sk, struct cw_sock *s, __u32 tgid, __u64 pstart)
+static __always_inline bool settle_queued(const struct sock *sk, struct cw_sock *s, __u32 tgid, __u64 pstart)
 {
 	struct cw_sock settled = *s;
 	__u64 key = (__u64)sk;
@@ -504,31 +413,27 @@ static __always_inline bool settle_queued(struct sock *sk, struct cw_sock *s, __
 		return false;
 	}
 	acceptor_count(&settled, 1, 0);
-	*s = settled;
+	s->tgid = settled.tgid;
+	s->pstart = settled.pstart;
+	s->acceptor_tgid = settled.acceptor_tgid;
+	s->acceptor_pstart = settled.acceptor_pstart;
+	s->queued = 0;
 	return true;
 }
 
 /*
  * The refresh walk over `queued`: a connection a process accepted but has
- * not touched is counted for the listener's owner. Called for each entry by
+ * not touched is counted for the listener's owner. Called for each key by
  * bpf_for_each_map_elem, which allows deleting the element it visits.
  */
-static __always_inline void settle_if_accepted(__u64 *key, struct queued_conn *q)
+static __always_inline void settle_if_accepted(const __u64 *key)
 {
-	struct cw_sock s = {
-		.pstart = q->pstart, .acceptor_pstart = q->pstart, .tgid = q->tgid, .acceptor_tgid = q->tgid,
-		.lport = q->lport, .kind = q->kind, .close_wait = q->close_wait,
-	};
+	/* read once: settle_queued() deletes by this value, whatever the element holds meanwhile */
+	const struct sock *sk = (const struct sock *)*key;
+	struct cw_sock *s = sock_lookup(sk);
 
-	if (!grafted((const struct sock *)*key))
-		return;
-	__builtin_memcpy(s.peer, q->peer, CW_ADDR_LEN);
-	count_connection(&s, 1); /* before the delete: see settle_queued() */
-	if (bpf_map_delete_elem(&queued, key)) {
-		count_connection(&s, -1);
-		return;
-	}
-	acceptor_count(&s, 1, 0);
+	if (s && grafted(sk))
+		settle_queued(sk, s, s->tgid, s->pstart);
 }
 
 /* Move s's open count (and peer, CLOSE_WAIT) to another owner and/or kind. */
@@ -542,25 +447,17 @@ static __always_inline void reassign(struct cw_sock *s, __u32 tgid, __u64 pstart
 }
 
 /* The peer closed (ESTABLISHED -> CLOSE_WAIT) or the owner did (CLOSE_WAIT -> LAST_ACK). */
-static __always_inline void set_close_wait(struct sock *sk, bool on)
+static __always_inline void set_close_wait(const struct sock *sk, bool on)
 {
-	__u64 key = (__u64)sk;
+	struct cw_sock *s = sock_lookup(sk);
 	struct cw_conn_counts *c;
-	struct cw_sock *s;
-	bool stored;
+	__u64 key = (__u64)sk;
 
-	s = sock_lookup(sk, &stored);
 	if (!s || s->close_wait == on)
 		return; /* untracked, or the second program of the pair: done already */
 	s->close_wait = on;
-	if (s->queued) {
-		struct queued_conn *q = bpf_map_lookup_elem(&queued, &key);
-
-		if (q) {
-			q->close_wait = on; /* counted with it when it is seen accepted */
-			return;
-		}
-	}
+	if (s->queued && bpf_map_lookup_elem(&queued, &key))
+		return; /* counted with it when it is seen accepted */
 	c = counts_of(s->tgid, s->pstart, s->lport, s->kind);
 	if (c)
 		atomic_add(&c->close_wait, on ? 1 : -1);

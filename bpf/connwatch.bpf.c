@@ -143,7 +143,8 @@ static __always_inline void on_passive_open(struct sock *sk)
 	struct listen_owner *owner;
 	struct cw_sock s = {};
 
-	if (!is_tcp_inet(sk))
+	/* the second program of the pair finds the first one's entry: done */
+	if (sock_lookup(sk) || !is_tcp_inet(sk))
 		return;
 	owner = listener_of(sk);
 	if (!owner)
@@ -173,11 +174,10 @@ static __always_inline void settle_closing(struct sock *sk)
 {
 	struct cw_sock *s;
 	__u64 pstart;
-	bool stored;
 
 	if (!count_at_handshake)
 		return;
-	s = sock_lookup(sk, &stored);
+	s = sock_lookup(sk);
 	if (!s || !s->queued || !grafted(sk))
 		return;
 	pstart = current_pstart();
@@ -604,9 +604,9 @@ int cw_seed_conns(struct bpf_iter__task_file *ctx)
 	return 0;
 }
 
-static long settle_if_accepted_cb(struct bpf_map *map, __u64 *key, struct queued_conn *q, void *unused)
+static long settle_if_accepted_cb(struct bpf_map *map, __u64 *key, __u8 *unused_value, void *unused)
 {
-	settle_if_accepted(key, q);
+	settle_if_accepted(key);
 	return 0;
 }
 
@@ -669,10 +669,3 @@ int BPF_PROG(cw_probe_fentry)
 	return 0;
 }
 
-/* May tracing programs use socket local storage here (v5.11)? */
-SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(cw_probe_sk_storage, struct sock *sk)
-{
-	bpf_sk_storage_get(&sock_store, sk, 0, 0);
-	return 0;
-}

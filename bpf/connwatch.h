@@ -103,11 +103,7 @@ enum cw_arm_reason {
 	CW_ARM_FDS = 1,		/* a process's lowest free fd passed arm_ratio of RLIMIT_NOFILE */
 };
 
-/*
- * One tracked accepted connection (socket local storage, or the socks hash
- * keyed by the struct sock address on kernels without tracing access to
- * socket storage).
- */
+/* One tracked accepted connection: the socks hash, keyed by the struct sock address. */
 struct cw_sock {
 	__u64 accepted_ns;	/* bpf_ktime_get_ns() when it was accepted, 0 if unknown */
 	__u64 pstart;		/* owner (holds it now): start_boottime */

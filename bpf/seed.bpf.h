@@ -45,7 +45,6 @@ static __always_inline void seed_connection(struct task_struct *task, struct soc
 	__u32 tgid;
 	__u64 pstart;
 
-	/* (socket storage is out of reach here: sock_insert() settles that race) */
 	if (state == TCP_CLOSE || state == TCP_SYN_SENT || bpf_map_lookup_elem(&socks, &key))
 		return;
 	if (!listener_of(sk))

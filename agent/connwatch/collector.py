@@ -227,8 +227,7 @@ class ConnwatchCollector(Collector):
                                    labels=["map"])
         for name, st in sorted(s.maps.items()):
             entries.add_metric([name], st.entries)
-            if st.capacity is not None:
-                capacity.add_metric([name], st.capacity)
+            capacity.add_metric([name], st.capacity)
             full.add_metric([name], st.full)
             memory.add_metric([name], st.memory_bytes)
         yield entries

@@ -60,7 +60,7 @@ class MapConfig:
     queued: int = 65536
 
     # maps without a key of their own, sized like the map they accompany
-    _SIZED_LIKE = {"listen_owners": "listeners", "seed_claims": "socks"}
+    _SIZED_LIKE = {"listen_owners": "listeners"}
 
     def capacity(self, map_name: str) -> int | None:
         """The configured max_entries of a BPF map, None for maps of fixed size."""

@@ -31,18 +31,16 @@ from .libbpf import Btf, BpfObject, GlobalVars, LibbpfError, LoadError
 log = logging.getLogger("connwatch.probes")
 
 INSTALLED_OBJECT = "/usr/share/connwatch/bpf/connwatch.bpf.o"
-FEATURE_PROBES = ("cw_probe_fentry", "cw_probe_sk_storage")
 KPROBE_PMU = "/sys/bus/event_source/devices/kprobe"
 BPF_MAP_TYPE_RINGBUF = 27
-BPF_MAP_TYPE_SK_STORAGE = 24
 BPF_F_NO_PREALLOC = 1
-# Maps whose elements are deleted while other code holds pointers to them:
-# peers (pruned by the agent while BPF programs update them), queued and
-# listeners (walked by bpf_for_each_map_elem while closes delete from them). Without
-# preallocation a deleted element is freed after an RCU grace period instead
-# of being handed to the next insert at once, so a pointer to it never
-# starts meaning another key.
-NOT_PREALLOCATED = ("peers", "queued", "listeners")
+# Maps whose elements are deleted while other code holds pointers to their
+# values: peers (pruned by the agent while BPF programs add to them) and
+# listeners (their stats written by a bpf_for_each_map_elem walk while
+# closes delete). Without preallocation a deleted element is freed after an
+# RCU grace period instead of being handed to the next insert at once, so a
+# pointer to it never starts meaning another key.
+NOT_PREALLOCATED = ("peers", "listeners")
 
 
 class ProbeError(RuntimeError):
@@ -78,11 +76,6 @@ class Kernel:
         """None if fentry/fexit programs load and attach here, else why not."""
         return _feature_probe(self._object_path, "cw_probe_fentry", attach=True)
 
-    @cached_property
-    def sk_storage(self) -> str | None:
-        """None if tracing programs may use socket local storage (v5.11)."""
-        return _feature_probe(self._object_path, "cw_probe_sk_storage", attach=False)
-
     def helper(self, name: str) -> bool:
         return f"BPF_FUNC_{name}" in (self.btf.enum("bpf_func_id") or {})
 
@@ -97,7 +90,7 @@ def _feature_probe(path: str, program: str, attach: bool) -> str | None:
         for name, prog in obj.programs.items():
             prog.autoload = name == program
         for mp in obj.maps.values():
-            if not mp.is_internal and mp.type not in (BPF_MAP_TYPE_RINGBUF, BPF_MAP_TYPE_SK_STORAGE):
+            if not mp.is_internal and mp.type != BPF_MAP_TYPE_RINGBUF:
                 mp.set_max_entries(1)
         try:
             obj.load()
@@ -296,7 +289,6 @@ class Plan:
     chosen: dict[str, int] = field(default_factory=dict)
     off: dict[str, str] = field(default_factory=dict)        # probe -> what the kernel lacks
     tried: dict[str, list[str]] = field(default_factory=dict)  # probe -> reasons earlier strategies failed
-    storage: bool = True  # socket storage, while nothing rules it out
 
     def choose(self, probe: Probe, start: int = 0) -> None:
         for i in range(start, len(probe.strategies)):
@@ -331,11 +323,6 @@ class Plan:
 
     def uses(self, via: str) -> bool:
         return any(self.strategy(name).via == via for name in self.chosen)
-
-    @property
-    def use_sk_storage(self) -> bool:
-        # kprobes see untyped pointers, which socket storage refuses
-        return self.storage and not self.uses("kprobe") and not self.kernel.sk_storage
 
     def syscall_hook_probes(self) -> list[str]:
         return [name for name in self.chosen if self.strategy(name) is SYSCALL_HOOK]
@@ -376,7 +363,6 @@ def _open(path: str, cfg: Config, plan: Plan) -> BpfObject:
         ports = (ctypes.c_uint16 * bpf_types.WS_PORTS_MAX)(*cfg.websocket_ports)
         obj.set_rodata("websocket_ports", ports)
         obj.set_rodata("websocket_ports_len", ctypes.c_uint32(len(cfg.websocket_ports)))
-        obj.set_rodata("use_sk_storage", ctypes.c_bool(plan.use_sk_storage))
         accept = plan.strategy("accept")
         obj.set_rodata("count_at_handshake", ctypes.c_bool(accept is not None and accept.via == "tracepoint"))
         hooked = plan.syscall_hook_probes()
@@ -422,12 +408,6 @@ def _load(path: str, cfg: Config, plan: Plan) -> BpfObject:
             probe = plan.owner_of(e.program) if e.program else None
             if probe is None:
                 raise ProbeError(f"loading {path} failed: {e.reason}") from None
-            if plan.use_sk_storage:
-                # socket storage is an optimisation: give it up before a probe
-                log.warning("program %s refused with socket storage (%s); retrying without it",
-                            e.program, e.reason)
-                plan.storage = False
-                continue
             log.warning("program %s refused: %s", e.program, e.reason)
             plan.demote(probe, f"{e.program} refused: {e.reason}")
 
@@ -488,21 +468,16 @@ class Probes:
         """Record listeners and accepted connections that predate the agent.
 
         Runs after everything is attached, so nothing falls between the two;
-        a connection accepted while the walk runs is tracked once (see
-        seeding_active in bpf/conn.bpf.h). Returns (listeners, connections).
+        the BPF side inserts with BPF_NOEXIST, so sockets the probes already
+        track are left alone. Returns (listeners, connections).
         """
         s = self.via("seeding")
         if s is None:
             log.warning("start-up seeding impossible (%s): listeners and connections that predate the "
                         "agent are not counted", self.plan.off.get("seeding", "switched off"))
         else:
-            self.globals.set("seeding_active", ctypes.c_uint32, 1)
-            try:
-                for program in s.programs:
-                    self.obj.programs[program].run_iter()
-            finally:
-                self.globals.set("seeding_active", ctypes.c_uint32, 0)
-                self._forget_seed_claims()
+            for program in s.programs:
+                self.obj.programs[program].run_iter()
         maps = self.obj.maps
         return (sum(1 for _ in maps["listeners"].items(ctypes.c_uint64, bpf_types.Listener)),
                 sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64)))
@@ -532,11 +507,6 @@ class Probes:
         if error is not None:
             raise error
         return False
-
-    def _forget_seed_claims(self) -> None:
-        claims = self.obj.maps["seed_claims"]
-        for key, _ in list(claims.items(ctypes.c_uint64, ctypes.c_uint8)):
-            claims.delete(ctypes.c_uint64(key))
 
     def close(self) -> None:
         self.globals.close()

@@ -103,7 +103,7 @@ class PeerStats:
 @dataclass(frozen=True)
 class MapStats:
     entries: int
-    capacity: int | None  # None: not bounded by a size of its own (socket storage)
+    capacity: int
     full: int
     memory_bytes: int
 
@@ -353,14 +353,12 @@ class SnapshotReader:
             mp = maps[name]
             nfull = sum(full.lookup_percpu(ctypes.c_uint32(mid), ctypes.c_uint64))
             if name == "socks":
-                # both stores: socket storage (no size of its own) and the hash
                 entries = sum(maps["socks_live"].lookup_percpu(ctypes.c_uint32(0), ctypes.c_int64))
-                capacity = None if self.probes.plan.use_sk_storage else mp.max_entries
+            elif name in self._entries:
+                entries = self._entries[name]
             else:
-                entries = self._entries[name] if name in self._entries else \
-                    sum(1 for _ in mp.items(_raw(mp.key_size), _raw(mp.value_size)))
-                capacity = mp.max_entries
-            s.maps[name] = MapStats(entries, capacity, nfull, mp.memlock_bytes())
+                entries = sum(1 for _ in mp.items(_raw(mp.key_size), _raw(mp.value_size)))
+            s.maps[name] = MapStats(entries, mp.max_entries, nfull, mp.memlock_bytes())
 
     def _read_program_stats(self, s: Snapshot) -> None:
         for name, prog in self.probes.obj.programs.items():
