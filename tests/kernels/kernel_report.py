@@ -10,12 +10,14 @@ turns into docs/kernels.md. The assertions are what must hold everywhere.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import re
+import socket
 import subprocess
-import sys
 
-from conftest import ROOT, wait_for
+from conftest import wait_for
+from test_probe_fallback import TRACEPOINTS_ONLY
 
 MARKER = "CONNWATCH_KERNEL_REPORT "
 FLOOR = (5, 10)
@@ -30,35 +32,41 @@ def capabilities_after_attach(log: str) -> list[str]:
     return sorted(found.group(1).split(", ")) if found and found.group(1) != "none" else []
 
 
-def test_report(hooked_agent, server, capsys):
+def probe_hooks(m) -> dict[str, dict[str, str]]:
+    """probe -> the kind of hook and the attach points it got, or via "off"."""
+    probes = {s.labels["probe"]: {"via": s.labels["via"], "attach": s.labels["attach"]}
+              for s in m.select("connwatch_probe_info")}
+    for s in m.select("connwatch_probe_enabled"):
+        probes.setdefault(s.labels["probe"], {"via": "off", "attach": ""})
+    return probes
+
+
+def test_report(hooked_agent, start_agent, server, capsys):
     agent = hooked_agent
     srv = server("--backlog", "33")
     (port,) = srv.ports
     # exercise every probe once: connections, an upgrade-like first exchange,
     # EMFILE, a listener with a requested backlog
     subprocess.run(["prlimit", f"--pid={srv.pid}", "--nofile=64:64"], check=True)
-    clients = [__import__("socket").create_connection(("127.0.0.1", port)) for _ in range(3)]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     assert srv.command("accept 3") == "accepted 3"
     assert srv.command("emfile").startswith("emfile ")
     m = agent.wait_for_value("connwatch_connections", 3, pid=srv.pid, port=port)
     wait_for(lambda: agent.scrape().value("connwatch_fd_alloc_failures_total", pid=srv.pid),
              what="EMFILE counted")
-    m = agent.scrape()
-    probes = {s.labels["probe"]: {"via": s.labels["via"], "attach": s.labels["attach"]}
-              for s in m.select("connwatch_probe_info")}
-    for s in m.select("connwatch_probe_enabled"):
-        probes.setdefault(s.labels["probe"], {"via": "off", "attach": ""})
+    probes = probe_hooks(agent.scrape())
     report = {
-        "series": kernel_series(),
-        "host": not bool(__import__("os").environ.get("CONNWATCH_VM_KERNEL")),
+        "kernel": kernel_series(),
+        "where": "vm" if os.environ.get("CONNWATCH_VM_KERNEL") else "host",
         "probes": probes,
-        "metrics": sorted({s.name for s in m.samples if s.name.startswith("connwatch_")}),
+        # what a kernel without fentry and kprobes would get (tests/test_probe_fallback.py)
+        "tracepoints_only": probe_hooks(start_agent(TRACEPOINTS_ONLY).scrape()),
         "capabilities": capabilities_after_attach(agent.log_path.read_text()),
     }
     with capsys.disabled():
         print(MARKER + json.dumps(report, sort_keys=True), flush=True)
     # what must hold on every supported kernel
-    assert tuple(map(int, report["series"].split("."))) >= FLOOR
+    assert tuple(map(int, report["kernel"].split("."))) >= FLOOR
     assert all(p["via"] != "off" for name, p in probes.items() if name != "overflow_drops"), probes
     for c in clients:
         c.close()

@@ -427,7 +427,7 @@ def _prove_attached_and_counting(agent: InstalledAgent, caps: list[str], as_root
     # ... which is every probe. A program this kernel's verifier refuses even to
     # root is reported, not fatal (DESIGN.md), and is the BPF code's matter,
     # not the package's: it is a warning here; tests/test_core.py owns it.
-    assert probes and probes.get("sys_exit") == 1 and probes.get("inet_sock_set_state") == 1, probes
+    assert probes and probes.get("accept") == 1 and probes.get("connection_state") == 1, probes
     refused = sorted(p for p, v in probes.items() if v != 1)
     if refused:
         warnings.warn(f"probes refused for root too (not a capability problem): {refused}")

@@ -129,7 +129,7 @@ def test_unit_runs_the_agent_under_systemd(booted):
         f"not ready under systemd:\n{_in_container(proc, 'systemctl', 'status', 'connwatch', '--no-pager').stdout}\n{journal[-3000:]}"
     assert _in_container(proc, "systemctl", "is-active", "connwatch").stdout.strip() == "active"
     probes = {lbl["probe"]: v for lbl, v in _samples(text, "connwatch_probe_enabled")}
-    assert probes.get("sys_exit") == 1 and probes.get("inet_sock_set_state") == 1, probes
+    assert probes.get("accept") == 1 and probes.get("connection_state") == 1, probes
 
     # (no connection counting here: nspawn always gives the container its own
     # pid namespace, and the agent resolves the kernel's global pids through
