@@ -33,7 +33,7 @@ from connwatch.sources.headroom import Headroom, ProcessFds
 from connwatch.fds import FdUse
 from connwatch.sources.listeners import Listeners, ListenerState
 from connwatch.sources.system import System
-from connwatch.system import SystemLimits, TcpMem
+from connwatch.system import DestinationUse, SystemLimits, TcpMem
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "metrics.txt"
 
@@ -95,7 +95,8 @@ def snapshot() -> Snapshot:
         open_files=5120, open_files_limit=9223372036854775807, nr_open=1048576,
         conntrack_entries=None, conntrack_entries_limit=None,  # nf_conntrack not loaded: absent
         ephemeral_port_range=(32768, 60999), ephemeral_ports=28232, ephemeral_ports_in_use=1210,
-        port_destinations=(("10.1.0.5:5432", 1000), ("[2001:db8::1]:443", 200), ("10.1.0.6:6379", 10)),
+        port_destinations=(DestinationUse("10.1.0.5:5432", 1000), DestinationUse("[2001:db8::1]:443", 200),
+                           DestinationUse("10.1.0.6:6379", 10)),
         socket_table_source="bpf_iterator", tcp_time_wait=800, tcp_time_wait_limit=262144,
         tcp_orphans=3, tcp_orphans_limit=65536, tcp_memory_pages=410,
         tcp_memory_pages_limit=TcpMem(93000, 124000, 186000), somaxconn=4096, tcp_max_syn_backlog=1024,

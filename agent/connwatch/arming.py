@@ -99,7 +99,7 @@ class Arming:
                 if share > worst:
                     worst, why = share, f"{system.open_files} of fs.file-max {system.open_files_limit} in use"
             if system.port_destinations and system.ephemeral_ports:
-                dest, used = system.port_destinations[0]
+                dest, used = system.port_destinations[0]  # the busiest
                 share = used / system.ephemeral_ports
                 if share > worst:
                     worst, why = share, f"{used} of {system.ephemeral_ports} ephemeral ports towards {dest}"

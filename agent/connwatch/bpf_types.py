@@ -98,7 +98,7 @@ class FailKey(ctypes.Structure):
 class Listener(ctypes.Structure):
     _fields_ = [
         ("pstart", u64), ("overflow_drops", u64), ("tgid", u32), ("netns", u32),
-        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("family", u16),
+        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("_pad", u16),
         ("state", u32), ("queue_length", u32), ("backlog", u32), ("drops", u32), ("somaxconn", u32),
     ]
 

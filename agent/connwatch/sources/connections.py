@@ -152,19 +152,13 @@ class ConnectionsSource(Source):
     @staticmethod
     def _durations(piece: Connections, scrape: Scrape):
         family = metrics.CONNECTION_DURATION.family()
-        merged: dict[tuple[str, ...], tuple[list[int], float, int]] = {}
+        merged: dict[tuple[str, ...], _HistogramFold] = {}
         for key, h in piece.durations.items():
             labels = scrape.series.of_owner(key.owner)
-            if labels is None:
-                continue
-            labels = (*labels, str(key.port), key.kind)
-            counts, total, count = merged.get(labels, ([0] * len(h.buckets), 0.0, 0))
-            merged[labels] = ([a + b.cumulative for a, b in zip(counts, h.buckets)],
-                              total + h.sum_seconds, count + h.count)
-        bounds = [f"{b.le_seconds:g}" for b in next(iter(piece.durations.values())).buckets] \
-            if piece.durations else []
-        for labels, (counts, total, count) in sorted(merged.items()):
-            family.add_metric(list(labels), list(zip(bounds, counts)) + [("+Inf", count)], sum_value=total)
+            if labels is not None:
+                merged.setdefault((*labels, str(key.port), key.kind), _HistogramFold(h)).add(h)
+        for labels, fold in sorted(merged.items()):
+            family.add_metric(list(labels), fold.buckets(), sum_value=fold.sum_seconds)
         return family
 
     def _peers(self, piece: Connections, scrape: Scrape) -> Iterator:
@@ -199,3 +193,21 @@ class _PeerFold:
         self.distinct = 0
         self.busiest = 0
         self.connections: dict[str, int] = defaultdict(int)
+
+
+class _HistogramFold:
+    """The histograms of every process that shares one series, added up."""
+
+    def __init__(self, like: Histogram):
+        self._bounds = [f"{b.le_seconds:g}" for b in like.buckets]
+        self._counts = [0] * len(like.buckets)
+        self.sum_seconds = 0.0
+        self._count = 0
+
+    def add(self, h: Histogram) -> None:
+        self._counts = [n + b.cumulative for n, b in zip(self._counts, h.buckets)]
+        self.sum_seconds += h.sum_seconds
+        self._count += h.count
+
+    def buckets(self) -> list[tuple[str, int]]:
+        return list(zip(self._bounds, self._counts)) + [("+Inf", self._count)]

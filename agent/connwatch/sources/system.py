@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .. import bpf_types, metrics
-from ..system import PortUse, SystemLimits, read_system
+from ..system import DestinationUse, PortUse, SystemLimits, read_system
 from .base import ReadContext, Scrape, Source
 
 
@@ -63,9 +63,9 @@ class SystemSource(Source):
         in_use = sum(bin(w.bits).count("1")
                      for _, w in probes.maps["used_ports"].items(ctypes.c_uint32, bpf_types.PortWord)
                      if w.generation == gen)
-        destinations = sorted(((destination_label(k), v.sockets)
+        destinations = sorted((DestinationUse(destination_label(k), v.sockets)
                                for k, v in ctx.items("port_use", bpf_types.PortUseKey, bpf_types.PortUse)
-                               if v.generation == gen), key=lambda d: (-d[1], d[0]))
+                               if v.generation == gen), key=lambda d: (-d.sockets, d.destination))
         return PortUse(in_use, tuple(destinations))
 
     def families(self, piece: System, scrape: Scrape) -> Iterator:
@@ -73,41 +73,35 @@ class SystemSource(Source):
         0, so a ratio never divides by a fake limit and an absent() alert can
         tell "unknown" from "zero"."""
         s = piece.limits
-        for metric, value in (
-                (metrics.SYSTEM_OPEN_FILES, s.open_files),
-                (metrics.SYSTEM_OPEN_FILES_LIMIT, s.open_files_limit),
-                (metrics.SYSTEM_NR_OPEN, s.nr_open),
-                (metrics.SYSTEM_CONNTRACK_ENTRIES, s.conntrack_entries),
-                (metrics.SYSTEM_CONNTRACK_LIMIT, s.conntrack_entries_limit),
-                (metrics.SYSTEM_EPHEMERAL_PORTS, s.ephemeral_ports),
-                (metrics.SYSTEM_EPHEMERAL_IN_USE, s.ephemeral_ports_in_use)):
-            if value is not None:
-                yield metric.family(value)
+        scalars = (
+            (metrics.SYSTEM_OPEN_FILES, s.open_files),
+            (metrics.SYSTEM_OPEN_FILES_LIMIT, s.open_files_limit),
+            (metrics.SYSTEM_NR_OPEN, s.nr_open),
+            (metrics.SYSTEM_CONNTRACK_ENTRIES, s.conntrack_entries),
+            (metrics.SYSTEM_CONNTRACK_LIMIT, s.conntrack_entries_limit),
+            (metrics.SYSTEM_EPHEMERAL_PORTS, s.ephemeral_ports),
+            (metrics.SYSTEM_EPHEMERAL_IN_USE, s.ephemeral_ports_in_use),
+            (metrics.SYSTEM_TIME_WAIT, s.tcp_time_wait),
+            (metrics.SYSTEM_TIME_WAIT_LIMIT, s.tcp_time_wait_limit),
+            (metrics.SYSTEM_ORPHANS, s.tcp_orphans),
+            (metrics.SYSTEM_ORPHANS_LIMIT, s.tcp_orphans_limit),
+            (metrics.SYSTEM_TCP_MEMORY, s.tcp_memory_pages),
+            (metrics.SYSTEM_PAGE_SIZE, piece.page_size),
+            (metrics.SYSTEM_SOMAXCONN, s.somaxconn),
+            (metrics.SYSTEM_TCP_MAX_SYN_BACKLOG, s.tcp_max_syn_backlog),
+            (metrics.SYSTEM_LISTEN_OVERFLOWS, s.listen_overflows),
+            (metrics.SYSTEM_LISTEN_DROPS, s.listen_drops),
+        )
+        yield from (metric.family(value) for metric, value in scalars if value is not None)
         if s.port_destinations is not None:
-            busiest = s.port_destinations[0][1] if s.port_destinations else 0
+            busiest = s.port_destinations[0].sockets if s.port_destinations else 0
             yield metrics.SYSTEM_EPHEMERAL_IN_USE_MAX_DEST.family(busiest)
             per_destination = metrics.EPHEMERAL_PORTS_IN_USE.family()
-            for destination, n in s.port_destinations[: self.cfg.port_destinations_top_k]:
-                per_destination.add_metric([destination], n)
+            for use in s.port_destinations[: self.cfg.port_destinations_top_k]:
+                per_destination.add_metric([use.destination], use.sockets)
             yield per_destination
-        for metric, value in (
-                (metrics.SYSTEM_TIME_WAIT, s.tcp_time_wait),
-                (metrics.SYSTEM_TIME_WAIT_LIMIT, s.tcp_time_wait_limit),
-                (metrics.SYSTEM_ORPHANS, s.tcp_orphans),
-                (metrics.SYSTEM_ORPHANS_LIMIT, s.tcp_orphans_limit),
-                (metrics.SYSTEM_TCP_MEMORY, s.tcp_memory_pages)):
-            if value is not None:
-                yield metric.family(value)
         if s.tcp_memory_pages_limit is not None:
             limit = metrics.SYSTEM_TCP_MEMORY_LIMIT.family()
             for threshold in ("min", "pressure", "max"):
                 limit.add_metric([threshold], getattr(s.tcp_memory_pages_limit, threshold))
             yield limit
-        yield metrics.SYSTEM_PAGE_SIZE.family(piece.page_size)
-        for metric, value in (
-                (metrics.SYSTEM_SOMAXCONN, s.somaxconn),
-                (metrics.SYSTEM_TCP_MAX_SYN_BACKLOG, s.tcp_max_syn_backlog),
-                (metrics.SYSTEM_LISTEN_OVERFLOWS, s.listen_overflows),
-                (metrics.SYSTEM_LISTEN_DROPS, s.listen_drops)):
-            if value is not None:
-                yield metric.family(value)
