@@ -114,15 +114,18 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-# Generated files (dashboard JSON, alert rules and their Kubernetes copies)
-# are committed; the tests fail when they are stale.
+# Generated files (dashboard JSON, alert rules and their Kubernetes copies,
+# the metric tables of docs/metrics.md) are committed; the tests fail when
+# they are stale.
 dashboards: venv
 	$(PY) -m dashboards.generate
 	$(PY) packaging/kubernetes/generate.py
+	$(PY) -m connwatch.metrics_doc
 
 check-dashboards: venv
 	$(PY) -m dashboards.generate --check
 	$(PY) packaging/kubernetes/generate.py --check
+	$(PY) -m connwatch.metrics_doc --check
 
 deb: deps
 	packaging/build-deb.sh

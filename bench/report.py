@@ -253,9 +253,14 @@ def _scale_rows(r: dict) -> list[Row]:
     if "before" in pr:
         b = f"5 scale +{pr['added']} processes"
         be, af = pr["before"], pr["after"]
-        rows.append((b, "fd scan of every process (fds.all_processes), "
+        rows.append((b, "fd census of every process (fds.FdCensus, limits cached), "
                      f"{be['host_processes']} -> {af['host_processes']} processes",
                      f"{_ms(be['fd_scan']['seconds']['median'])} -> {_ms(af['fd_scan']['seconds']['median'])}", ""))
+        rows.append((b, "fd census, cold (every limit read)",
+                     f"{_ms(be['fd_scan']['cold_seconds'])} -> {_ms(af['fd_scan']['cold_seconds'])}", ""))
+        if be.get("headroom_read_seconds") is not None and af.get("headroom_read_seconds") is not None:
+            rows.append((b, "the agent's headroom read (last refresh)",
+                         f"{_ms(be['headroom_read_seconds'])} -> {_ms(af['headroom_read_seconds'])}", ""))
         rows.append((b, "agent CPU, nobody scraping", f"{be['idle_cpu_fraction'] * 100:.2f}% -> "
                      f"{af['idle_cpu_fraction'] * 100:.2f}% of a core", ""))
         rows.append((b, "refresh (snapshot build) median", f"{_ms(be['snapshot_build_seconds']['median'])} -> "

@@ -14,10 +14,12 @@ one; default configuration but for the refresh interval of the profile):
   the agent's CPU and refresh time, which the listener-stats iterator makes
   linear in listeners;
 * processes: 2,000 idle processes (`loadgen idle-procs`) on top of what
-  runs: what a per-process fd scan costs (connwatch.fds.all_processes(),
-  which the on-demand syscall hook already runs each refresh here and which
-  issue 14 adds to every refresh), and the agent's CPU and refresh time
-  with and without them.
+  runs: what the per-refresh fd census of every process costs
+  (connwatch.fds.FdCensus, which the headroom source runs each refresh and
+  the on-demand syscall-hook arming shares; cold, then with its limits
+  cached), the agent's own headroom read
+  (connwatch_snapshot_source_duration_seconds{source="headroom"}), and the
+  agent's CPU and refresh time with and without them.
 
 Every holder process keeps at most ARM_SAFE_SHARE of its RLIMIT_NOFILE
 open, below the agent's arm_ratio (0.5 by default): the agent is measured
@@ -396,36 +398,46 @@ def _host_processes() -> int:
 
 
 def _time_fd_scan(reps: int) -> dict:
-    """connwatch.fds.all_processes(): open fds and RLIMIT_NOFILE of every
-    process, the per-refresh scan (timed here in the bench's process: the
-    agent does not export how long its own takes)."""
+    """connwatch.fds.FdCensus: open fds and RLIMIT_NOFILE of every process,
+    the headroom source's walk of each refresh, timed here in the bench's
+    process: once cold (every /proc/<pid>/limits read), then `reps` times
+    warm (limits cached, one stat per process)."""
     from connwatch import fds
 
+    census = fds.FdCensus()
+    t = time.perf_counter()
+    census.read()
+    cold = time.perf_counter() - t
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        seen = len(fds.all_processes())
+        seen = len(census.read())
         times.append(time.perf_counter() - t)
-    return {"seconds": C.summary(times), "processes_seen": seen}
+    return {"seconds": C.summary(times), "cold_seconds": cold, "processes_seen": seen}
+
+
+def _headroom_read_seconds(agent: C.Agent) -> float | None:
+    """The agent's own headroom read in its last refresh."""
+    return C.metric(agent.metrics(), "connwatch_snapshot_source_duration_seconds", source="headroom")
 
 
 def processes_axis(profile, agent: C.Agent) -> dict:
     """The fd scan and the agent's costs before and after adding idle processes."""
     before = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
-              **_agent_costs(profile, agent, 5)}
+              "headroom_read_seconds": _headroom_read_seconds(agent), **_agent_costs(profile, agent, 5)}
     before.pop("metrics")
     idle = C.LineProcess([C.LOADGEN, "idle-procs", profile.idle_processes], what="loadgen idle-procs")
     try:
         idle.expect("ready")
         time.sleep(profile.agent_refresh)  # one refresh with them before measuring
         after = {"host_processes": _host_processes(), "fd_scan": _time_fd_scan(profile.fd_scan_reps),
-                 **_agent_costs(profile, agent, 5)}
+                 "headroom_read_seconds": _headroom_read_seconds(agent), **_agent_costs(profile, agent, 5)}
         after.pop("metrics")
     finally:
         idle.stop()
     agent.settle()  # their exits are the agent's work too, not the next axis's
     scan = [x["fd_scan"]["seconds"]["median"] * 1e3 for x in (before, after)]
-    C.log(f"scale +{profile.idle_processes} processes: fd scan {scan[0]:.1f} -> {scan[1]:.1f} ms, "
+    C.log(f"scale +{profile.idle_processes} processes: fd census {scan[0]:.1f} -> {scan[1]:.1f} ms, "
           f"idle CPU {before['idle_cpu_fraction'] * 100:.2f}% -> {after['idle_cpu_fraction'] * 100:.2f}%")
     return {"added": profile.idle_processes, "before": before, "after": after}
 

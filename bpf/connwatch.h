@@ -162,7 +162,7 @@ struct cw_listener {
 	__u32 backlog_requested;	/* listen()'s argument (as unsigned), if CW_LISTENER_BACKLOG_SEEN */
 	__u32 flags;		/* CW_LISTENER_* */
 	__u16 lport;
-	__u16 family;
+	__u16 _pad;
 	/* refreshed by the iterator: */
 	__u32 state;		/* TCP state; TCP_LISTEN unless it closed a moment ago */
 	__u32 queue_length;	/* sk_ack_backlog: connections waiting for accept() */

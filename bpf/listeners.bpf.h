@@ -80,7 +80,6 @@ static __always_inline void note_listener(const struct sock *sk, __u32 tgid, __u
 		l.tgid = tgid;
 		l.netns = port.netns;
 		l.lport = port.lport;
-		l.family = BPF_CORE_READ(sk, __sk_common.skc_family);
 		if (bpf_map_update_elem(&listeners, &key, &l, BPF_NOEXIST) == -E2BIG)
 			count_map_full(CW_MAP_LISTENERS);
 	}

@@ -29,7 +29,7 @@ from .params import DEFAULT, Params
 SEVERITIES = ("info", "warning", "critical")
 REQUIRED_ANNOTATIONS = ("summary", "description", "runbook_url")
 
-PROC = "instance, job, pid, comm, container"
+PROC = "instance, job, pid, comm, container, pod_uid"
 VALUE = '{{ $value | printf "%.0f" }}'
 IF_ENFILE = '{{ if eq $labels.errno "ENFILE" }}'
 

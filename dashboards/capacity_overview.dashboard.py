@@ -95,8 +95,8 @@ def build(p: Params = DEFAULT):
     lay.row("Busiest")
     lay.add(bargauge(
         "Busiest processes", "Processes holding the most connections.",
-        [target(f"topk(10, sum by (instance, pid, comm, container) ({conns}))",
-                "{{comm}} ({{pid}}) {{container}}", instant=True)], "short"), w=8, h=9)
+        [target(f"topk(10, sum by (instance, pid, comm, container, pod_uid) ({conns}))",
+                "{{comm}} ({{pid}}) {{container}} {{pod_uid}}", instant=True)], "short"), w=8, h=9)
     lay.add(bargauge(
         "Busiest ports", "Local ports holding the most connections.",
         [target(f"topk(10, sum by (instance, port) ({conns}))", "{{instance}} :{{port}}", instant=True)],

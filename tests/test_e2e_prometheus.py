@@ -53,6 +53,20 @@ JSON_DIR = ROOT / "dashboards" / "json"
 SERVER_COMM = "cw5-wsserver"
 FD_LIMIT = 64
 FD_HOLD = 58  # > 80 % (51.2) and < 95 % (60.8) of FD_LIMIT
+# a process with no socket at all, holding 90 % of a small limit: a client
+# leaking fds, which only the host-wide fd headroom sees
+SOCKETLESS_COMM = "cw5-fdleak"
+SOCKETLESS_HOG = f"""
+import os, resource, sys
+from ctypes import CDLL
+CDLL(None).prctl(15, b"{SOCKETLESS_COMM}", 0, 0, 0)  # PR_SET_NAME
+resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+held = []
+while len(os.listdir("/proc/self/fd")) - 1 < {FD_HOLD}:
+    held.append(os.open("/dev/null", os.O_RDONLY))
+print("ready", len(os.listdir("/proc/self/fd")) - 1, flush=True)
+sys.stdin.read()
+"""
 PER_IP_CAP = 3
 RATE_INTERVAL = "5s"
 
@@ -382,6 +396,10 @@ def e2e(tmp_path_factory):
         assert server.command("stop") == "stopped"
         flooders = flood(port)
 
+        socketless = Child([sys.executable, "-c", SOCKETLESS_HOG], tmp / "socketless.log")
+        started.append(socketless)
+        assert socketless.readline() == f"ready {FD_HOLD}"
+
         # local port exhaustion in a namespace of its own
         exhauster = Child([sys.executable, "-c", PORT_EXHAUSTION], tmp / "exhaust.log")
         started.append(exhauster)
@@ -389,7 +407,7 @@ def e2e(tmp_path_factory):
 
         instance = f"127.0.0.1:{agent.port}"
         stack.update(agent=agent, prom=prom, server=server, port=port, instance=instance, t0=t0,
-                     clients=clients, flooders=flooders, exhauster=exhauster,
+                     clients=clients, flooders=flooders, exhauster=exhauster, socketless=socketless,
                      vars={"instance": instance, "comm": SERVER_COMM, "pid": str(server.pid),
                            "port": str(port), "datasource": "prometheus"})
         # Prometheus has the load once it scraped the EMFILE and an ACK drop for our port
@@ -539,6 +557,17 @@ def test_fd_usage_alert_fires(e2e):
     assert float(alert["value"]) == pytest.approx(FD_HOLD / FD_LIMIT, abs=0.02)
     assert f"of {FD_LIMIT} (alert above 80%)" in alert["annotations"]["description"]
     assert not firing(e2e["prom"], "ConnwatchProcessFdUsageHigh", pid=str(e2e["server"].pid), severity="critical")
+
+
+def test_fd_usage_alert_fires_for_a_process_without_sockets(e2e):
+    """The host-wide fd headroom: a process the BPF side never sees (no
+    socket) is reported, and the fd alert covers it."""
+    pid = str(e2e["socketless"].pid)
+    alert = poll(lambda: firing(e2e["prom"], "ConnwatchProcessFdUsageHigh", pid=pid, severity="warning"),
+                 30, "ConnwatchProcessFdUsageHigh firing for the socket-less process")[0]
+    assert alert["labels"]["comm"] == SOCKETLESS_COMM
+    assert float(alert["value"]) == pytest.approx(FD_HOLD / FD_LIMIT, abs=0.001)
+    assert f"of {FD_LIMIT} (alert above 80%)" in alert["annotations"]["description"]
 
 
 def test_agent_is_up_and_not_alerting_about_itself(e2e):

@@ -1,16 +1,21 @@
-"""fds.py and headroom.py against real processes holding real fds."""
+"""fds.py and the headroom source against real processes holding real fds."""
 
 from __future__ import annotations
 
 import os
 import resource
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
 from connwatch import fds
-from connwatch.headroom import HeadroomSnapshot, headroom_metrics, read_headroom
+from connwatch.config import Config
+from connwatch.snapshot import Snapshot
+from connwatch.sources.base import Process, ProcessSeries, Scrape
+from connwatch.sources.headroom import Headroom, HeadroomSource, ProcessFds
+from connwatch.sources.system import System, SystemSource
 from connwatch.system import read_system
 
 HARD_LIMIT = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -107,11 +112,11 @@ def test_read_headroom_skips_vanished_pids_and_reads_the_live_ones():
     with fd_holder(300, soft_limit=2000) as (pid, total):
         with fd_holder(5) as (gone, _):
             pass
-        h = read_headroom([pid, gone, os.getpid()])
-    assert h.process_fds[pid] == (total, 2000)
-    assert gone not in h.process_fds
-    assert os.getpid() in h.process_fds
-    assert h.system.open_files_limit is not None
+        census = {u.pid: (u.open, u.limit) for u in fds.FdCensus().read()}
+    assert census[pid] == (total, 2000)
+    assert gone not in census
+    assert os.getpid() in census
+    assert read_system(with_socket_table=False).open_files_limit is not None
 
 
 def _samples(metrics, name):
@@ -119,21 +124,28 @@ def _samples(metrics, name):
 
 
 def test_process_metrics_sum_pids_that_share_labels():
-    h = HeadroomSnapshot(system=read_system(with_socket_table=False),
-                         process_fds={11: (100, 1024), 12: (50, 2048), 13: (7, 4096)})
-    labels = {11: ("", "other", ""), 12: ("", "other", ""), 13: ("13", "nginx", "abc")}
-    metrics = list(headroom_metrics(h, labels.__getitem__))
+    # 11 and 12 past a series cap of 1 (13 nearest its limit keeps its own)
+    nginx = Process(13, "nginx", "abc", "uid-13")
+    h = Headroom((ProcessFds(Process(11, "a"), 100, 1024), ProcessFds(Process(12, "b"), 50, 2048),
+                  ProcessFds(nginx, 7, 4096)), None)
+    series = ProcessSeries({}, [p.process for p in h.processes], fd_usage={11: 0.0, 12: 0.0, 13: 1.0}, cap=1)
+    metrics = list(HeadroomSource(Config()).families(h, Scrape(Snapshot(ready=True), series)))
     open_fds = _samples(metrics, "connwatch_process_open_fds")
     max_fds = _samples(metrics, "connwatch_process_max_fds")
-    other = (("comm", "other"), ("container", ""), ("pid", ""))
-    nginx = (("comm", "nginx"), ("container", "abc"), ("pid", "13"))
+    other = (("comm", "other"), ("container", ""), ("pid", ""), ("pod_uid", ""))
+    nginx = (("comm", "nginx"), ("container", "abc"), ("pid", "13"), ("pod_uid", "uid-13"))
     assert open_fds == {other: 150, nginx: 7}
     assert max_fds == {other: 3072, nginx: 4096}
 
 
+def system_families(s):
+    return SystemSource(Config()).families(System(s, os.sysconf("SC_PAGE_SIZE")),
+                                           Scrape(Snapshot(ready=True), ProcessSeries({})))
+
+
 def test_system_metric_names_types_and_values():
     s = read_system()
-    metrics = {m.name: m for m in headroom_metrics(HeadroomSnapshot(s, {}), lambda pid: (str(pid), "", ""))}
+    metrics = {m.name: m for m in system_families(s)}
     gauges = {
         "connwatch_system_open_files": s.open_files,
         "connwatch_system_open_files_limit": s.open_files_limit,
@@ -166,3 +178,35 @@ def test_system_metric_names_types_and_values():
                           "max": s.tcp_memory_pages_limit.max}
     # the busiest destination's address is never a label
     assert all(not x.labels for name in gauges for x in metrics[name].samples)
+
+
+def test_processes_without_sockets_are_reported_past_half_their_limit(start_agent):
+    """Host-wide fd headroom: with no top-N at all (fd_headroom_processes: 0),
+    a process holding 90 % of a small RLIMIT_NOFILE, which owns no socket the
+    BPF side could know it by, is reported exactly; one at 10 % is not."""
+    agent = start_agent("fd_headroom_processes: 0\n")
+    with fd_holder(180, soft_limit=200) as (near, near_total), fd_holder(20, soft_limit=1000) as (far, _):
+        assert near_total / 200 >= 0.9
+        m = agent.wait_for_value("connwatch_process_open_fds", near_total, pid=near)
+        assert m.value("connwatch_process_max_fds", pid=near) == 200
+        (series,) = m.select("connwatch_process_open_fds", pid=near)
+        assert set(series.labels) == {"pid", "comm", "container", "pod_uid"}
+        assert not m.select("connwatch_process_open_fds", pid=far)
+
+
+def test_the_fd_census_caches_limits_and_rereads_them_near_the_limit():
+    """A limit changed by prlimit is seen at once by a process past half of its
+    cached limit, and after FdCensus.RECHECK_ROUNDS censuses by any other."""
+    census = fds.FdCensus()
+    with fd_holder(100, soft_limit=150) as (near, near_total), fd_holder(20, soft_limit=1000) as (far, _):
+        first = {u.pid: u for u in census.read()}
+        assert (first[near].open, first[near].limit) == (near_total, 150)
+        assert first[far].limit == 1000
+        for pid, soft in ((near, near_total + 5), (far, 500)):
+            subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{HARD_LIMIT}"], check=True)
+        again = {u.pid: u for u in census.read()}
+        assert again[near].limit == near_total + 5
+        assert again[far].limit == 1000  # cached
+        for _ in range(fds.FdCensus.RECHECK_ROUNDS):
+            later = {u.pid: u for u in census.read()}
+        assert later[far].limit == 500

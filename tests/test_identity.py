@@ -450,3 +450,32 @@ def test_no_test_cgroup_is_left_behind():
     leftovers = [p for root in [m for m, _ in mounts("cgroup2") + mounts("cgroup")]
                  for p in root.glob(f"cwtest-identity-{os.getpid()}-*")]
     assert leftovers == []
+
+
+def test_pod_uid_and_container_label_every_per_process_series(agent):
+    """A server in a pod's container cgroup: its connections, peers, listener
+    and fd headroom series all carry the pod UID and container id, so two
+    pods serving on one port never share a series."""
+    import socket
+
+    shape = next(s for s in SHAPES if s.what == "containerd, systemd driver, burstable")
+    with CgroupSandbox(cgroup2_root()) as cg:
+        server = cg.spawn([sys.executable, str(ROOT / "tests" / "servers" / "hold_server.py")], shape.path,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        port = int(server.stdout.readline().split()[1])
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        try:
+            server.stdin.write("accept 3\n")
+            server.stdin.flush()
+            assert server.stdout.readline().strip() == "accepted 3"
+            m = agent.wait_for_value("connwatch_connections", 3, pid=server.pid, port=port)
+            want = {"container": shape.expected.container, "pod_uid": shape.expected.pod_uid}
+            for name in ("connwatch_connections", "connwatch_peer_connections", "connwatch_peers",
+                         "connwatch_listen_backlog", "connwatch_connections_accepted_total",
+                         "connwatch_process_open_fds", "connwatch_process_max_fds"):
+                found = m.select(name, pid=server.pid)
+                assert found, name
+                assert all({k: s.labels[k] for k in want} == want for s in found), (name, found)
+        finally:
+            for c in clients:
+                c.close()

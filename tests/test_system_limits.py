@@ -262,10 +262,16 @@ def test_missing_conntrack_and_tcp_mem_give_none_and_no_metric():
     the files are really absent for the reader, as without nf_conntrack."""
     code = textwrap.dedent("""
         import json
-        from connwatch.headroom import HeadroomSnapshot, headroom_metrics
+        import os
+        from connwatch.config import Config
+        from connwatch.snapshot import Snapshot
+        from connwatch.sources.base import ProcessSeries, Scrape
+        from connwatch.sources.system import System, SystemSource
         from connwatch.system import read_system
         s = read_system()
-        names = [m.name for m in headroom_metrics(HeadroomSnapshot(s, {}), lambda pid: (str(pid), "", ""))]
+        piece = System(s, os.sysconf("SC_PAGE_SIZE"))
+        scrape = Scrape(Snapshot(ready=True), ProcessSeries({}))
+        names = [m.name for m in SystemSource(Config()).families(piece, scrape)]
         print(json.dumps({"conntrack": [s.conntrack_entries, s.conntrack_entries_limit],
                           "tcp_mem": s.tcp_memory_pages_limit, "somaxconn": s.somaxconn, "names": names}))
     """)
@@ -331,3 +337,37 @@ def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interv
         for c in clients:
             c.close()
         listener.close()
+
+
+def test_ephemeral_ports_in_use_per_destination_are_exact(start_agent):
+    """Outbound connections from the agent's namespace to two listeners at
+    different loopback addresses, 7 to one and 4 to the other: each
+    destination's series counts exactly its own."""
+    import socket
+
+    from conftest import wait_for
+
+    agent = start_agent("socket_table_interval_seconds: 0.1\nport_destinations_top_k: 1000\n")
+    listeners = [socket.create_server((addr, 0), backlog=64) for addr in ("127.0.0.5", "127.0.0.6")]
+    want = {}
+    clients = []
+    try:
+        for listener, n in zip(listeners, (7, 4)):
+            addr, port = listener.getsockname()
+            clients += [socket.create_connection((addr, port)) for _ in range(n)]
+            want[f"{addr}:{port}"] = n
+
+        def counted():
+            m = agent.scrape()
+            return {d: m.value("connwatch_ephemeral_ports_in_use", destination=d) for d in want}
+
+        wait_for(lambda: counted() == want, what=f"per-destination counts {want}")
+        m = agent.scrape()
+        busiest = m.value("connwatch_system_ephemeral_ports_in_use_max_destination")
+        assert busiest >= 7
+        assert max(s.value for s in m.select("connwatch_ephemeral_ports_in_use")) == busiest
+    finally:
+        for c in clients:
+            c.close()
+        for listener in listeners:
+            listener.close()

@@ -324,8 +324,12 @@ class Tmux:
         # a socket path short enough for sun_path, gone with the directory
         self.dir = Path(tempfile.mkdtemp(prefix="cwtest-tmux-"))
         (self.dir / "tmux.conf").write_text("set -g remain-on-exit on\n")  # the exit status stays readable
+        # the command's exit status, written by the pane's shell: tmux's own
+        # #{pane_dead_status} stays empty on hosts where the server never
+        # gets to reap the command (seen on the development host)
+        self._status = self.dir / "status"
         self._tmux("-f", str(self.dir / "tmux.conf"), "new-session", "-d", "-s", "top", "-x", "80", "-y", "30",
-                   " ".join(command))
+                   f"{' '.join(command)}; echo $? > {self._status}")
 
     def _tmux(self, *args: str) -> str:
         return subprocess.run(["tmux", "-S", str(self.dir / "socket"), *args], check=True, capture_output=True,
@@ -346,9 +350,8 @@ class Tmux:
 
     def exit_status(self) -> int | None:
         """The command's exit status once it has exited, None while it runs."""
-        dead, _, status = self._tmux("display-message", "-p", "-t", "top",
-                                     "#{pane_dead} #{pane_dead_status}").strip().partition(" ")
-        return int(status) if dead == "1" else None
+        status = self._status.read_text() if self._status.exists() else ""
+        return int(status) if status.endswith("\n") else None
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-S", str(self.dir / "socket"), "kill-server"], capture_output=True, timeout=30)

@@ -8,11 +8,11 @@ import ipaddress
 
 import pytest
 
-from connwatch import bpf_types as T
+from connwatch import bpf_types
 from connwatch.config import Config, ConfigError, parse, peer_network, PeerConfig
 from connwatch.libbpf import BpfObject
 from connwatch.probes import find_object
-from connwatch.snapshot import _histogram
+from connwatch.sources.connections import histogram
 
 
 @pytest.fixture(scope="module")
@@ -22,15 +22,15 @@ def btf_object():
 
 
 def test_mirrors_match_the_built_object(btf_object):
-    T.check_layout(btf_object.btf)  # raises on any drift
+    bpf_types.check_layout(btf_object.btf)  # raises on any drift
 
 
 def test_layout_drift_is_caught(btf_object, monkeypatch):
     class Drifted(ctypes.Structure):  # cw_conn_key with two members swapped
-        _fields_ = [("tgid", T.u32), ("lport", T.u16), ("kind", T.u8), ("_pad", T.u8), ("pstart", T.u64)]
-    monkeypatch.setitem(T.MIRRORS, "cw_conn_key", Drifted)
-    with pytest.raises(T.LayoutMismatch, match="cw_conn_key"):
-        T.check_layout(btf_object.btf)
+        _fields_ = [("tgid", bpf_types.u32), ("lport", bpf_types.u16), ("kind", bpf_types.u8), ("_pad", bpf_types.u8), ("pstart", bpf_types.u64)]
+    monkeypatch.setitem(bpf_types.MIRRORS, "cw_conn_key", Drifted)
+    with pytest.raises(bpf_types.LayoutMismatch, match="cw_conn_key"):
+        bpf_types.check_layout(btf_object.btf)
 
 
 def test_enum_drift_is_caught(btf_object, monkeypatch):
@@ -40,31 +40,31 @@ def test_enum_drift_is_caught(btf_object, monkeypatch):
         TCP = 0
         WEBSOCKET = 2
         TLS = 1
-    monkeypatch.setitem(T.ENUMS, "cw_kind", (Kind, "CW_KIND_"))
-    with pytest.raises(T.LayoutMismatch, match="cw_kind"):
-        T.check_layout(btf_object.btf)
+    monkeypatch.setitem(bpf_types.ENUMS, "cw_kind", (Kind, "CW_KIND_"))
+    with pytest.raises(bpf_types.LayoutMismatch, match="cw_kind"):
+        bpf_types.check_layout(btf_object.btf)
 
 
 def test_peer_decoding():
     v4 = bytes(10) + b"\xff\xff" + bytes([10, 1, 2, 3])
-    assert T.peer_address(v4) == ipaddress.IPv4Address("10.1.2.3")
+    assert bpf_types.peer_address(v4) == ipaddress.IPv4Address("10.1.2.3")
     v6 = ipaddress.IPv6Address("2001:db8::7").packed
-    assert T.peer_address(v6) == ipaddress.IPv6Address("2001:db8::7")
+    assert bpf_types.peer_address(v6) == ipaddress.IPv6Address("2001:db8::7")
     peers = PeerConfig(ipv4_prefix=24, ipv6_prefix=64)
-    assert str(peer_network(T.peer_address(v4), peers)) == "10.1.2.0/24"
-    assert str(peer_network(T.peer_address(v6), peers)) == "2001:db8::/64"
+    assert str(peer_network(bpf_types.peer_address(v4), peers)) == "10.1.2.0/24"
+    assert str(peer_network(bpf_types.peer_address(v6), peers)) == "2001:db8::/64"
 
 
 def test_histogram_is_cumulative_with_le_in_seconds():
-    h = T.DurationHist()
+    h = bpf_types.DurationHist()
     h.buckets[0] = 2   # < 1 ms
     h.buckets[3] = 1   # [4, 8) ms
     h.buckets[31] = 1  # the open-ended last bucket: only in +Inf
     h.count, h.sum_ns = 4, 5_000_000
-    hist = _histogram(h)
+    hist = histogram(h)
     buckets = hist.buckets
     assert buckets[0] == (0.001, 2) and buckets[3] == (0.008, 3) and buckets[-1] == (2 ** 30 / 1000, 3)
-    assert len(buckets) == T.HIST_BUCKETS - 1 and hist.count == 4 and hist.sum_seconds == 0.005
+    assert len(buckets) == bpf_types.HIST_BUCKETS - 1 and hist.count == 4 and hist.sum_seconds == 0.005
 
 
 def test_config_defaults_and_values():

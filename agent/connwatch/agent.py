@@ -22,6 +22,7 @@ from .collector import ConnwatchCollector
 from .config import Config
 from .libbpf import LibbpfError, enable_run_time_stats
 from .snapshot import Snapshot, SnapshotReader
+from .sources import default_sources
 from .web import MetricsServer
 from .webconfig import WebConfig
 
@@ -48,7 +49,8 @@ class Agent:
         self._stop = threading.Event()
         self.probes: probes_mod.Probes | None = None
         self.registry = CollectorRegistry(auto_describe=False)
-        self.collector = ConnwatchCollector(lambda: self._snapshot, cfg)
+        self.sources = default_sources(cfg)
+        self.collector = ConnwatchCollector(lambda: self._snapshot, cfg, self.sources)
         self.registry.register(self.collector)
         self.server = MetricsServer(listen_address, telemetry_path, self.registry, web_config)
         self._threads: list[threading.Thread] = []
@@ -69,7 +71,7 @@ class Agent:
             try:
                 self._snapshot = reader.read()
                 if self._arming is not None:
-                    self._arming.update(self._snapshot.headroom.system if self._snapshot.headroom else None)
+                    self._arming.update(self._snapshot)
             except Exception:  # keep serving the previous snapshot
                 log.exception("snapshot read failed")
             self._stop.wait(self.cfg.refresh_interval_seconds)
@@ -98,7 +100,7 @@ class Agent:
         if self.probes.syscall_hook is not None and self.cfg.syscall_tracing == "on_demand":
             self._arming = Arming(self.probes, self.cfg.arm_ratio)
             self._arming.start()
-        reader = SnapshotReader(self.probes, self.cfg)
+        reader = SnapshotReader(self.probes, self.cfg, self.sources)
         self._snapshot = reader.read()
         t = threading.Thread(target=self._refresh_loop, args=(reader,), name="refresh", daemon=True)
         t.start()

@@ -8,7 +8,7 @@ at ``arm_ratio`` of its RLIMIT_NOFILE, the host at that share of
 fs.file-max, or a destination at that share of the ephemeral port range.
 
 Two ways to notice: each refresh compares every process's fd count with its
-limit (:meth:`Arming.update`), and between refreshes the BPF side wakes us
+limit (:meth:`Arming.update`, from the headroom source's walk of the host), and between refreshes the BPF side wakes us
 through a ring buffer when a process touching a socket has passed the ratio
 (bpf/arming.bpf.h), so a burst cannot outrun the refresh interval. The hook
 is detached once everything has stayed below ``DISARM_FRACTION`` of the
@@ -21,10 +21,12 @@ import logging
 import threading
 import time
 
-from . import bpf_types, fds, procinfo
+from . import bpf_types, procinfo
 from .libbpf import RingBuffer
 from .probes import Probes
-from .system import SystemLimits
+from .snapshot import Snapshot
+from .sources.headroom import Headroom
+from .sources.system import System
 
 log = logging.getLogger("connwatch.arming")
 
@@ -65,10 +67,10 @@ class Arming:
 
     # ---- each refresh ----------------------------------------------------------
 
-    def update(self, system: SystemLimits | None) -> None:
+    def update(self, snapshot: Snapshot) -> None:
         """Arm when something has reached arm_ratio of its limit; disarm once
         everything has stayed well below it for a while."""
-        worst, why = self._highest_fill(system)
+        worst, why = self._highest_fill(snapshot.piece("headroom"), snapshot.piece("system"))
         if worst >= self._ratio:
             self._arm(why)
             return
@@ -83,19 +85,21 @@ class Arming:
                 self._hook.disarm(f"everything below {self._ratio * DISARM_FRACTION:.0%} of its limit "
                                   f"for {DISARM_AFTER_SECONDS:.0f} s")
 
-    def _highest_fill(self, system: SystemLimits | None) -> tuple[float, str]:
+    @staticmethod
+    def _highest_fill(headroom: Headroom | None, system_piece: System | None) -> tuple[float, str]:
         """The largest usage/limit share among the limits the hook guards, and what it is."""
         worst, why = 0.0, ""
-        for pid, (used, limit) in fds.all_processes().items():
-            if limit and used / limit > worst:
-                worst, why = used / limit, f"pid {pid} has {used} of {limit} fds open"
+        busiest = headroom.busiest if headroom else None
+        if busiest is not None and busiest.ratio > worst:
+            worst, why = busiest.ratio, f"pid {busiest.pid} has {busiest.open} of {busiest.limit} fds open"
+        system = system_piece.limits if system_piece else None
         if system is not None:
             if system.open_files is not None and system.open_files_limit:
                 share = system.open_files / system.open_files_limit
                 if share > worst:
                     worst, why = share, f"{system.open_files} of fs.file-max {system.open_files_limit} in use"
             if system.port_destinations and system.ephemeral_ports:
-                dest, used = system.port_destinations[0]
+                dest, used = system.port_destinations[0]  # the busiest
                 share = used / system.ephemeral_ports
                 if share > worst:
                     worst, why = share, f"{used} of {system.ephemeral_ports} ephemeral ports towards {dest}"

@@ -8,9 +8,11 @@ so a drift between the two stops the agent at start-up with a clear message.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import enum
 import ipaddress
 
+from .config import MapConfig
 from .libbpf import Btf
 
 u8, u16, u32, u64, s64 = (ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32,
@@ -29,18 +31,11 @@ class Kind(enum.IntEnum):
     TLS = 2
 
 
-class MapId(enum.IntEnum):
-    SOCKS = 0
-    CONN_COUNTS = 1
-    PROCS = 2
-    FD_FAILURES = 3
-    PORT_EXHAUSTION = 4
-    LISTENERS = 5
-    PEERS = 6
-    UPGRADES = 7
-    DURATIONS = 8
-    PORT_USE = 9
-    QUEUED = 10
+# The bounded maps (enum cw_map_id), one per key of the configuration's
+# `maps` section, in its order: CW_MAP_<NAME> is map <name>, sized by
+# maps.<name>. check_layout() compares it with the object's enum at start-up,
+# tests/test_map_table.py with bpf/connwatch.h.
+MapId = enum.IntEnum("MapId", [f.name.upper() for f in dataclasses.fields(MapConfig)], start=0)
 
 
 class Syscall(enum.IntEnum):
@@ -103,7 +98,7 @@ class FailKey(ctypes.Structure):
 class Listener(ctypes.Structure):
     _fields_ = [
         ("pstart", u64), ("overflow_drops", u64), ("tgid", u32), ("netns", u32),
-        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("family", u16),
+        ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("_pad", u16),
         ("state", u32), ("queue_length", u32), ("backlog", u32), ("drops", u32), ("somaxconn", u32),
     ]
 

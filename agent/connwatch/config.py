@@ -95,6 +95,12 @@ class Config:
     # the one part of a refresh whose cost grows with every socket on the
     # host: done at most this often, other refreshes reuse its numbers
     socket_table_interval_seconds: float = 10.0
+    # besides every process that owns a tracked socket, this many processes of
+    # the host nearest their RLIMIT_NOFILE get fd-headroom series (and every
+    # one past 50 % of its limit, however many)
+    fd_headroom_processes: int = 50
+    # how many destinations (remote ip:port) get their own ephemeral-port series
+    port_destinations_top_k: int = 10
     peers: PeerConfig = field(default_factory=PeerConfig)
     maps: MapConfig = field(default_factory=MapConfig)
 
@@ -103,6 +109,8 @@ _RANGES: dict[str, tuple[float, float]] = {
     "refresh_interval_seconds": (0.05, 300),
     "socket_table_interval_seconds": (0.05, 3600),
     "max_process_series": (1, 100000),
+    "fd_headroom_processes": (0, 100000),
+    "port_destinations_top_k": (0, 1000),
     "peers.top_k": (0, 1000),
     "peers.ipv4_prefix": (0, 32),
     "peers.ipv6_prefix": (0, 128),

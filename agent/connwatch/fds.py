@@ -6,6 +6,10 @@ process with 100,000 fds costs one stat() instead of 100,000 directory
 entries. On older kernels st_size is 0 and we count directory entries.
 (Measurements: docs/metrics.md, "Headroom".)
 
+:class:`FdCensus` does this for every process of the host once per refresh
+(the headroom source and the syscall-hook arming share its walk), and
+caches each process's limit, which rarely changes (see its docstring).
+
 A process can exit between any two reads: every function returns None for a
 process that is gone or whose /proc entries we may not read.
 """
@@ -13,6 +17,7 @@ process that is gone or whose /proc entries we may not read.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 PROC = "/proc"
 UNLIMITED = "unlimited"
@@ -94,16 +99,83 @@ def max_fds(pid: int) -> int | None:
     return soft if soft is not None else _nr_open()
 
 
-def all_processes() -> dict[int, tuple[int, int]]:
-    """pid -> (open fds, soft RLIMIT_NOFILE) for every process this agent may
-    inspect; processes that exit during the walk are left out."""
-    out = {}
-    for name in os.listdir(PROC):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        used = open_fds(pid)
-        limit = max_fds(pid) if used is not None else None
-        if limit is not None:
-            out[pid] = (used, limit)
-    return out
+def _size_counts_fds() -> bool:
+    """Whether this kernel reports the open-fd count as st_size (>= 6.2): we
+    hold fds, so a 0 means it does not."""
+    try:
+        return os.stat(f"{PROC}/self/fd").st_size > 0
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class FdUse:
+    pid: int
+    open: int
+    limit: int  # soft RLIMIT_NOFILE
+
+    @property
+    def ratio(self) -> float:
+        return self.open / self.limit if self.limit else 0.0
+
+
+@dataclass(slots=True)
+class _CachedLimit:
+    fd_dir_inode: int  # tells a reused pid from the process we read
+    limit: int
+    read_in: int       # the census round it was read in
+
+
+class FdCensus:
+    """Open fds and soft RLIMIT_NOFILE of every process of the host.
+
+    One stat() per process counts its fds. /proc/<pid>/limits (a text file
+    the kernel formats for every resource) is read once per process and
+    cached: limits rarely change (prlimit, or a process raising its own at
+    start-up). A cached limit is read again after RECHECK_ROUNDS censuses,
+    and at once when the process reaches RECHECK_SHARE of it, so a process
+    near its limit is always measured against the limit it really has. A pid
+    reused by a new process has a new /proc/<pid>/fd inode, which misses
+    the cache.
+
+    Processes without fds (kernel threads, zombies) are left out. On kernels
+    before 6.2 counting lists each /proc/<pid>/fd (CAP_DAC_READ_SEARCH for
+    other users' processes), at a cost growing with their fds.
+    """
+
+    RECHECK_ROUNDS = 30
+    RECHECK_SHARE = 0.5
+
+    def __init__(self) -> None:
+        self._limits: dict[int, _CachedLimit] = {}
+        self._round = 0
+        self._size_counts = _size_counts_fds()
+
+    def read(self) -> list[FdUse]:
+        self._round += 1
+        seen: dict[int, _CachedLimit] = {}
+        out = []
+        for name in os.listdir(PROC):
+            if not name.isdigit():
+                continue
+            pid = int(name)
+            path = f"{PROC}/{pid}/fd"
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue  # exited, or not ours to see
+            count = st.st_size if self._size_counts else _count_entries(path)
+            if not count:
+                continue
+            cached = self._limits.get(pid)
+            if (cached is None or cached.fd_dir_inode != st.st_ino
+                    or self._round - cached.read_in >= self.RECHECK_ROUNDS
+                    or count >= cached.limit * self.RECHECK_SHARE):
+                limit = max_fds(pid)
+                if limit is None:
+                    continue
+                cached = _CachedLimit(st.st_ino, limit, self._round)
+            seen[pid] = cached
+            out.append(FdUse(pid, count, cached.limit))
+        self._limits = seen  # forget the processes that are gone
+        return out

@@ -18,6 +18,7 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger("connwatch.libbpf")
 
@@ -113,7 +114,6 @@ _map_value_size = _fn("bpf_map__value_size", _u32, _vp)
 _map_initial_value = _fn("bpf_map__initial_value", _vp, _vp, _size_p)
 _map_is_internal = _fn("bpf_map__is_internal", ctypes.c_bool, _vp)
 _map_lookup = _fn("bpf_map_lookup_elem", _i, _i, _vp, _vp)
-_map_update = _fn("bpf_map_update_elem", _i, _i, _vp, _vp, ctypes.c_uint64)
 _map_delete = _fn("bpf_map_delete_elem", _i, _i, _vp)
 _map_next_key = _fn("bpf_map_get_next_key", _i, _i, _vp, _vp)
 _map_lookup_batch = _fn(
@@ -195,11 +195,24 @@ class _BtfVarSecinfo(ctypes.Structure):
     _fields_ = [("type", _u32), ("offset", _u32), ("size", _u32)]
 
 
+class VarPlace(NamedTuple):
+    """Where a global variable lies in its data section."""
+
+    offset: int
+    size: int
+
+
+class StructMember(NamedTuple):
+    name: str
+    offset: int  # bytes
+    size: int    # bytes
+
+
 @dataclass(frozen=True)
 class BtfStruct:
     name: str
     size: int
-    members: tuple[tuple[str, int, int], ...]  # (name, byte offset, byte size)
+    members: tuple[StructMember, ...]
 
 
 class Btf:
@@ -268,11 +281,11 @@ class Btf:
             m = _BtfMember.from_address(base + i * ctypes.sizeof(_BtfMember))
             bits = m.offset & 0xFFFFFF if kflag else m.offset
             size = _btf_resolve_size(self._p, m.type)
-            members.append((self._name(m.name_off), bits // 8, int(size)))
+            members.append(StructMember(self._name(m.name_off), bits // 8, int(size)))
         return BtfStruct(name, t.size, tuple(members))
 
-    def section_vars(self, section: str) -> dict[str, tuple[int, int]]:
-        """Variables of a data section: name -> (offset, size)."""
+    def section_vars(self, section: str) -> dict[str, VarPlace]:
+        """Variables of a data section, by name."""
         tid = _btf_find(self._p, section.encode(), BTF_KIND_DATASEC)
         if tid < 0:
             return {}
@@ -282,7 +295,7 @@ class Btf:
         for i in range(t.info & 0xFFFF):
             v = _BtfVarSecinfo.from_address(base + i * ctypes.sizeof(_BtfVarSecinfo))
             var = _BtfType.from_address(_btf_type(self._p, v.type))
-            out[self._name(var.name_off)] = (v.offset, v.size)
+            out[self._name(var.name_off)] = VarPlace(v.offset, v.size)
         return out
 
     def enum(self, name: str) -> dict[str, int] | None:
@@ -350,13 +363,6 @@ class Map:
         ptr = _check_ptr(_map_initial_value(self._p, ctypes.byref(size)), f"{self.name} image")
         return (ctypes.c_char * size.value).from_address(ptr)
 
-    def lookup(self, key: ctypes._CData, value: ctypes._CData) -> bool:
-        ret = _map_lookup(self.fd, ctypes.byref(key), ctypes.byref(value))
-        if ret == -errno.ENOENT:
-            return False
-        _check(ret, f"lookup in {self.name}")
-        return True
-
     def lookup_percpu(self, key: ctypes._CData, value_type) -> list:
         """Every CPU's value of a per-CPU map entry (empty if absent)."""
         ncpu = _check(_num_possible_cpus(), "possible CPUs")
@@ -367,10 +373,6 @@ class Map:
             return []
         _check(ret, f"lookup in {self.name}")
         return [value_type.from_buffer_copy(buf, i * stride).value for i in range(ncpu)]
-
-    def update(self, key: ctypes._CData, value: ctypes._CData, flags: int = 0) -> None:
-        _check(_map_update(self.fd, ctypes.byref(key), ctypes.byref(value), flags),
-               f"update of {self.name}")
 
     def delete(self, key: ctypes._CData) -> bool:
         ret = _map_delete(self.fd, ctypes.byref(key))
@@ -560,7 +562,7 @@ def enable_run_time_stats() -> int:
 class GlobalVars:
     """Global variables of a loaded object's .bss, through an mmap of its map."""
 
-    def __init__(self, mp: Map, layout: dict[str, tuple[int, int]]):
+    def __init__(self, mp: Map, layout: dict[str, VarPlace]):
         self._layout = layout
         self._mem = mmap.mmap(mp.fd, max(mp.value_size, mmap.PAGESIZE), mmap.MAP_SHARED,
                               mmap.PROT_READ | mmap.PROT_WRITE)

@@ -23,6 +23,7 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 PROC = "/proc"
 
@@ -46,6 +47,13 @@ PORT_HOLDING_STATES = frozenset({
     TCP_ESTABLISHED, TCP_SYN_SENT, TCP_FIN_WAIT1, TCP_FIN_WAIT2, TCP_TIME_WAIT,
     TCP_CLOSE_WAIT, TCP_LAST_ACK, TCP_CLOSING,
 })
+
+
+class DestinationUse(NamedTuple):
+    """Outbound TCP sockets towards one remote ip:port, each holding a local port."""
+
+    destination: str  # "ip:port", "[ipv6]:port"
+    sockets: int
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,8 @@ class SystemLimits:
     ephemeral_ports: int | None = None
     # distinct local ports in the range held by outbound TCP sockets
     ephemeral_ports_in_use: int | None = None
-    # (remote "ip:port", local ports held towards it), most first:
-    # connect() runs out per destination
-    port_destinations: tuple[tuple[str, int], ...] | None = None
+    # most first: connect() runs out per destination
+    port_destinations: tuple[DestinationUse, ...] | None = None
     # where the socket-table numbers came from: "bpf_iterator", "sock_diag" or "proc"
     socket_table_source: str | None = None
     # /proc/net/sockstat "tw" vs net.ipv4.tcp_max_tw_buckets
@@ -363,9 +370,9 @@ class PortUse:
     """Local ports of the ephemeral range held by outbound TCP sockets."""
 
     in_use: int  # distinct local ports
-    # (remote "ip:port", sockets towards it), most first: connect() runs out
-    # per destination, because it can reuse a local port for another one
-    destinations: tuple[tuple[str, int], ...] = ()
+    # most first: connect() runs out per destination, because it can reuse a
+    # local port for another one
+    destinations: tuple[DestinationUse, ...] = ()
 
     @property
     def busiest(self) -> tuple[str | None, int]:
@@ -401,7 +408,7 @@ def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag") -
     destinations = []
     for (key, dport), count in per_destination.most_common():
         addr = _addr_text(key[0], key[1:])
-        destinations.append((f"[{addr}]:{dport}" if ":" in addr else f"{addr}:{dport}", count))
+        destinations.append(DestinationUse(f"[{addr}]:{dport}" if ":" in addr else f"{addr}:{dport}", count))
     return PortUse(len(used), tuple(destinations)), source
 
 

@@ -40,6 +40,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from . import metrics
 from .cli import BASIC_AUTH_PASSWORD_ENV
 
 REFRESH_SECONDS = 2.0
@@ -272,7 +273,7 @@ def parse(text: str, taken_at: float) -> Reading:
         samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
     except ValueError as e:
         raise TopError(f"the answer is not Prometheus metrics ({e})") from None
-    if not any(s.name == "connwatch_build_info" for s in samples):
+    if not any(s.name == metrics.BUILD_INFO.name for s in samples):
         raise TopError("the answer has no connwatch_build_info: is this a connwatch agent? (see --agent)")
 
     def process(labels: dict[str, str]) -> Process:
@@ -293,25 +294,25 @@ def parse(text: str, taken_at: float) -> Reading:
 
     for s in samples:
         labels, value = s.labels, s.value
-        if s.name == "connwatch_ready":
+        if s.name == metrics.READY.name:
             reading.ready = value == 1
-        elif s.name == "connwatch_process_open_fds":
+        elif s.name == metrics.PROCESS_OPEN_FDS.name:
             process(labels).open_fds = value
-        elif s.name == "connwatch_process_max_fds":
+        elif s.name == metrics.PROCESS_MAX_FDS.name:
             process(labels).max_fds = value
-        elif s.name == "connwatch_connections":
+        elif s.name == metrics.CONNECTIONS.name:
             process(labels).connections += value
-        elif s.name == "connwatch_connections_close_wait":
+        elif s.name == metrics.CONNECTIONS_CLOSE_WAIT.name:
             process(labels).close_wait += value
-        elif s.name == "connwatch_listen_queue_length":
+        elif s.name == metrics.LISTEN_QUEUE_LENGTH.name:
             listener(labels).queue = value
-        elif s.name == "connwatch_listen_backlog":
+        elif s.name == metrics.LISTEN_BACKLOG.name:
             listener(labels).backlog = value
-        elif s.name in ("connwatch_listen_drops_total", "connwatch_listen_overflow_drops_total"):
+        elif s.name in (metrics.LISTEN_DROPS.name, metrics.LISTEN_OVERFLOW_DROPS.name):
             listener(labels).drops += value
-        elif s.name == "connwatch_fd_alloc_failures_total":
+        elif s.name == metrics.FD_ALLOC_FAILURES.name:
             add_failure(labels, labels.get("errno", ""), value)
-        elif s.name == "connwatch_port_exhaustion_failures_total":
+        elif s.name == metrics.PORT_EXHAUSTION_FAILURES.name:
             add_failure(labels, "EADDRNOTAVAIL", value)
     return reading
 

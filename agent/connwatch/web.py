@@ -53,9 +53,9 @@ from cheroot import errors, wsgi
 from cheroot import server as cheroot_server
 from cheroot.ssl.builtin import BuiltinSSLAdapter
 from prometheus_client import make_wsgi_app
-from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import CollectorRegistry
 
+from . import metrics
 from .config import ConfigError
 from .webconfig import TLSConfig, WebConfig
 
@@ -487,10 +487,7 @@ class _HttpCollector:
         return []
 
     def collect(self):
-        c = CounterMetricFamily("connwatch_http_connections",
-                                "Connections to the metrics endpoint: accepted; over the cap and answered 503 "
-                                "(shed_503) or closed unanswered (shed_closed); cut off to make room (evicted).",
-                                labels=["outcome"])
+        c = metrics.HTTP_CONNECTIONS.family()
         for outcome, n in sorted(self._cap.outcomes.items()):
             c.add_metric([outcome], n)
         yield c

@@ -1,0 +1,69 @@
+"""Listening sockets per owning process and port: accept-queue fill, the
+effective and requested backlog, somaxconn of the listener's namespace,
+drops (BPF map listeners, refreshed in place by the listener-stats
+iterator just before it is read)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from .. import bpf_types, metrics
+from .base import ReadContext, Scrape, Source, maxed, owned_rows, summed
+from .connections import PortKey
+
+TCP_LISTEN = 10
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerState:
+    queue_length: int
+    backlog: int
+    drops: int
+    overflow_drops: int
+    somaxconn: int  # of the listener's network namespace
+    requested: int | None  # None: listen()'s argument was not seen
+
+
+@dataclass(frozen=True)
+class Listeners:
+    by_port: Mapping[PortKey, ListenerState]
+
+
+class ListenersSource(Source):
+    name = "listeners"
+
+    def read(self, ctx: ReadContext) -> Listeners:
+        by_port: dict[PortKey, ListenerState] = {}
+        if ctx.probes.run_iterator("listener_stats") is None:
+            return Listeners(by_port)
+        # entries of closed listeners are deleted by the kernel, not by the clean-up
+        for owner, _, l in ctx.owned_items("listeners", bpf_types.u64, bpf_types.Listener,
+                                           forget_with_owner=False, owner_in_value=True):
+            if l.state != TCP_LISTEN:
+                continue
+            key = PortKey(owner, l.lport)
+            prev = by_port.get(key)
+            requested = l.backlog_requested if l.flags & bpf_types.LISTENER_BACKLOG_SEEN else None
+            # IPv4 and IPv6 listeners on one port (or one shared by forked
+            # workers) add up, as the kernel's queues do
+            by_port[key] = ListenerState(
+                queue_length=l.queue_length + (prev.queue_length if prev else 0),
+                backlog=l.backlog + (prev.backlog if prev else 0),
+                drops=l.drops + (prev.drops if prev else 0),
+                overflow_drops=l.overflow_drops + (prev.overflow_drops if prev else 0),
+                somaxconn=l.somaxconn,
+                requested=requested if prev is None or prev.requested is None else max(
+                    prev.requested, requested or 0),
+            )
+        return Listeners(by_port)
+
+    def families(self, piece: Listeners, scrape: Scrape) -> Iterator:
+        rows = [(key.owner, (str(key.port),), st) for key, st in piece.by_port.items()]
+        yield summed(metrics.LISTEN_QUEUE_LENGTH.family(), owned_rows(rows, scrape, lambda st: st.queue_length))
+        yield summed(metrics.LISTEN_BACKLOG.family(), owned_rows(rows, scrape, lambda st: st.backlog))
+        yield summed(metrics.LISTEN_DROPS.family(), owned_rows(rows, scrape, lambda st: st.drops))
+        yield summed(metrics.LISTEN_OVERFLOW_DROPS.family(), owned_rows(rows, scrape, lambda st: st.overflow_drops))
+        yield maxed(metrics.LISTEN_SOMAXCONN.family(), owned_rows(rows, scrape, lambda st: st.somaxconn))
+        yield maxed(metrics.LISTEN_BACKLOG_REQUESTED.family(), owned_rows(
+            [r for r in rows if r[2].requested is not None], scrape, lambda st: st.requested))
