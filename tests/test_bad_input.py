@@ -2,7 +2,7 @@
 
 Each case runs the real `connwatch` command in a subprocess (as root, or as
 `nobody` through setpriv where privileges matter, or in a mount namespace
-without /sys/kernel/btf). The cases run concurrently once per module; each
+without /sys/kernel/btf, or under the UNAME26 personality). The cases run concurrently once per module; each
 test then checks its own result.
 """
 
@@ -124,7 +124,10 @@ CASES: dict[str, tuple[dict, list[str], str, list[str]]] = {
     "port in use": ({}, ["--web.listen-address", "127.0.0.1:{busy_port}"], "",
                     ["--web.listen-address", "Address already in use"]),
     "missing BTF": ({}, ["--web.listen-address", "127.0.0.1:0"], "no_btf",
-                    ["BTF", "/sys/kernel/btf/vmlinux", "CONFIG_DEBUG_INFO_BTF"]),
+                    ["kernel " + os.uname().release, "BTF", "/sys/kernel/btf/vmlinux", "CONFIG_DEBUG_INFO_BTF"]),
+    # the kernel's UNAME26 personality makes uname() report 2.6.x, as an old kernel would
+    "kernel below the floor": ({}, ["--web.listen-address", "127.0.0.1:0"], "uname26",
+                               ["kernel 2.6.", "older than 5.10"]),
     "missing CAP_BPF and CAP_PERFMON": ({}, ["--web.listen-address", "127.0.0.1:0"], "unprivileged",
                                         ["CAP_BPF", "CAP_PERFMON", "grant"]),
 }
@@ -148,6 +151,8 @@ def _run_case(name: str, base: Path, busy_port: int) -> subprocess.CompletedProc
         # the real condition: a kernel without BTF has no /sys/kernel/btf/vmlinux
         script = 'mount -t tmpfs none /sys/kernel/btf && exec "$@"'
         cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+    elif wrapper == "uname26":
+        cmd = ["setarch", os.uname().machine, "--uname-2.6", *cmd]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -29,16 +30,31 @@ from .webconfig import WebConfig
 log = logging.getLogger("connwatch.agent")
 
 BTF_PATH = "/sys/kernel/btf/vmlinux"
+# The oldest kernel the core is proven on (docs/kernels.md): BTF-typed
+# tracepoints, BPF iterators over tasks, files and TCP sockets, and
+# bpf_sk_storage all exist from 5.10; Debian 11 and Amazon Linux 2 ship it.
+MIN_KERNEL = (5, 10)
 
 
 class StartupError(RuntimeError):
     """A user-fixable reason the agent cannot start; exit code 2."""
 
 
-def preflight() -> None:
-    if not os.path.exists(BTF_PATH):
-        raise StartupError(f"kernel BTF missing ({BTF_PATH}): connwatch needs a kernel built with "
-                           "CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels have it)")
+def kernel_version(release: str) -> tuple[int, int]:
+    """(major, minor) of a uname release such as '6.1.0-27-cloud-amd64'."""
+    parts = re.match(r"(\d+)\.(\d+)", release)
+    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+
+def preflight(release: str | None = None, btf_path: str = BTF_PATH) -> None:
+    """Refuse, in one line naming the kernel, what no probe could run on."""
+    release = release or os.uname().release
+    if kernel_version(release) < MIN_KERNEL:
+        raise StartupError(f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]}, the oldest "
+                           "connwatch supports (BTF-typed tracepoints and BPF iterators are missing)")
+    if not os.path.exists(btf_path):
+        raise StartupError(f"kernel {release} has no BTF ({btf_path} missing): connwatch needs a kernel "
+                           "built with CONFIG_DEBUG_INFO_BTF=y (Debian, Ubuntu, RHEL and Fedora kernels have it)")
 
 
 class Agent:
