@@ -124,13 +124,25 @@ static __always_inline bool is_blank(char c)
 	return c == ' ' || c == '\t';
 }
 
+/* 1 if x is 0, else 0, without a branch: BPF has no set-on-condition instruction. */
+static __always_inline __u64 is_zero(__u64 x)
+{
+	return 1 ^ ((x | -x) >> 63);
+}
+
 /*
  * Does an HTTP request carry "Upgrade: websocket"? Slide an 8-byte window
- * over the case-folded request looking for "upgrade:" at the start of a
- * line, skip blanks, then require "websocket". A plain bounded loop (the
+ * over the case-folded request looking for "upgrade:" just after a newline,
+ * skip blanks, then require "websocket". A plain bounded loop (the
  * open-coded iterators that would spare the verifier its per-byte walk need
- * v6.4); its body is branch-free but for the match, so the walk stays far
- * below the verifier's limits on every supported kernel.
+ * v6.4) whose body has no branch but its two exits, so older verifiers do
+ * not follow each partial match as a state of its own. Every index is
+ * masked, even buf[pos], behind a barrier_var() so clang keeps the mask:
+ * clang drops `pos < CW_PEEK_LEN` as implied by `pos < len`, and 6.1's
+ * verifier, which lost len's bound by then, saw buf[CW_PEEK_LEN] ("R4 min
+ * value is outside of the allowed memory range").
+ * The request starts with "GET ", so a match ends at byte 11 at the
+ * earliest and buf[pos - 8] is in the request.
  */
 static __always_inline bool requests_websocket(const char *buf, __u32 len)
 {
@@ -140,9 +152,12 @@ static __always_inline bool requests_websocket(const char *buf, __u32 len)
 	for (__u32 pos = 0; pos < CW_PEEK_LEN; pos++) {
 		if (pos >= len)
 			break;
-		win = (win << 8) | fold(buf[pos]);
-		if (win == WORD8('u', 'p', 'g', 'r', 'a', 'd', 'e', ':') && buf[pos] == ':' &&
-		    pos >= 8 && buf[(pos - 8) & PEEK_MASK] == '\n') {
+		__u32 at_pos = pos;
+
+		barrier_var(at_pos); /* keep the mask: see above */
+		win = (win << 8) | fold(buf[at_pos & PEEK_MASK]);
+		if (is_zero(win ^ WORD8('u', 'p', 'g', 'r', 'a', 'd', 'e', ':')) &
+		    is_zero((__u8)buf[(pos - 8) & PEEK_MASK] ^ '\n')) {
 			at = pos + 1;
 			break;
 		}

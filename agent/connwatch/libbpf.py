@@ -145,9 +145,13 @@ _vsnprintf.argtypes = [_cp, ctypes.c_size_t, _cp, _vp]
 _LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
 
 
-# one buffer for every message: a verifier log runs to hundreds of KiB, and
-# its last lines (the reason a program was refused) must not be cut off
-_print_buf = ctypes.create_string_buffer(1 << 20)
+# one buffer for every message: a verifier log runs up to libbpf's 16 MiB
+# (UINT32_MAX >> 8), and its last lines (the reason a program was refused)
+# must not be cut off; pages are touched only as far as a message reaches
+_print_buf = ctypes.create_string_buffer((1 << 24) + (1 << 16))
+# a refused program's verifier log is logged at debug level in full, and as
+# its last lines (where the reason is) at the warning level
+VERIFIER_LOG_TAIL = 40
 # warnings libbpf printed during the current BpfObject.load(), to name the
 # program that failed (libbpf unloads everything and returns only an errno)
 _load_warnings: list[str] | None = None
@@ -160,7 +164,14 @@ def _print(level: int, fmt: bytes, args: int) -> int:
     n = _vsnprintf(_print_buf, len(_print_buf), fmt, args)
     text = _print_buf.value.decode(errors="replace").rstrip()
     if text:
-        log.log(logging.DEBUG if _quiet else _LEVELS.get(level, logging.DEBUG), "%s", text)
+        lvl = logging.DEBUG if _quiet else _LEVELS.get(level, logging.DEBUG)
+        lines = text.splitlines()
+        if lvl > logging.DEBUG and "-- BEGIN PROG LOAD LOG --" in text and len(lines) > VERIFIER_LOG_TAIL:
+            log.debug("%s", text)
+            log.log(lvl, "%s\n... (%d lines of the verifier log left out; --log.level=debug shows them)\n%s",
+                    lines[0], len(lines) - VERIFIER_LOG_TAIL - 1, "\n".join(lines[-VERIFIER_LOG_TAIL:]))
+        else:
+            log.log(lvl, "%s", text)
         if _load_warnings is not None and level == 0:
             _load_warnings.append(text)
     return n
