@@ -160,6 +160,8 @@ def test_busiest_destination_counts_outbound_connections_to_one_listener(source)
             quiet = socket.socket(); quiet.bind(("127.0.0.2", 0)); quiet.listen(512)
             held = [socket.create_connection(busy.getsockname()) for _ in range(120)]
             held += [socket.create_connection(quiet.getsockname()) for _ in range(30)]
+            # connect() may give two destinations the same local port
+            distinct = len({{c.getsockname()[1] for c in held}})
             # accepted sockets sit on the listener's own (ephemeral) port:
             # they must not count as outbound
             held += [busy.accept()[0] for _ in range(120)]
@@ -167,12 +169,12 @@ def test_busiest_destination_counts_outbound_connections_to_one_listener(source)
             use, used_source = system.ephemeral_port_use(rng, prefer="{source}")
             print(json.dumps({{"in_use": use.in_use, "busiest": use.busiest[0],
                               "busiest_count": use.busiest[1], "source": used_source,
-                              "busy": "127.0.0.1:%d" % busy.getsockname()[1]}}))
+                              "busy": "127.0.0.1:%d" % busy.getsockname()[1], "distinct": distinct}}))
         """)
     assert result["source"] == source
     assert result["busiest"] == result["busy"]
     assert result["busiest_count"] == 120
-    assert result["in_use"] == 150
+    assert result["in_use"] == result["distinct"] > 120
 
 
 @needs_root
@@ -322,7 +324,7 @@ def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interv
     agent = start_agent(f"socket_table_interval_seconds: {interval}\n")
     before = agent.scrape()
     in_use = before.value(name)
-    assert in_use is not None
+    assert in_use is not None, agent.log_path.read_text()[-4000:]
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
     clients = [socket.create_connection(listener.getsockname()) for _ in range(2000)]
     try:
