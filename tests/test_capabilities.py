@@ -1,6 +1,7 @@
 """Least privilege: after attaching, the agent keeps exactly caps.AFTER_ATTACH,
-plus CAP_BPF on kernels where every bpf() call needs it (before 6.5, with
-kernel.unprivileged_bpf_disabled set: Debian's 5.10 and 6.1).
+plus CAP_BPF on kernels where every bpf() call needs it (with
+kernel.unprivileged_bpf_disabled set, on older kernels: measured on Debian's
+5.10, not on its 6.1 or later; docs/kernels.md).
 
 1. The running agent: every thread's CapEff/CapPrm/CapBnd equal the keep-set,
    CapInh/CapAmb are empty, NoNewPrivs is set; and it still counts new
@@ -233,9 +234,9 @@ int count_files(struct bpf_iter__task_file *ctx)
 def test_bpf_iterator_and_map_reads_without_capabilities(tmp_path):
     """BPF_ITER_CREATE on an iterator link made before the drop, its read(2),
     and map lookups: with every capability dropped they work where the
-    kernel checks capabilities only to create BPF objects (6.5 and later,
-    the development host), and fail with EPERM where it checks them on
-    every bpf() call (Debian's 5.10 and 6.1) — which is why the agent keeps
+    kernel checks capabilities only to create BPF objects (Debian's 6.1 and
+    later, the development host), and fail with EPERM where it checks them
+    on every bpf() call (Debian's 5.10) — which is why the agent keeps
     CAP_BPF there."""
     arch = {"x86_64": "x86", "aarch64": "arm64"}[os.uname().machine]
     vmlinux = ROOT / "bpf" / "vmlinux" / arch / "vmlinux.h"

@@ -86,7 +86,7 @@ def snapshot() -> Snapshot:
         PortKey(NGINX, 80): ListenerState(0, 511, 0, 0, 4096, None),
         PortKey(JAVA, 8080): ListenerState(50, 50, 0, 0, 4096, 1024),
         PortKey(NODE, 8080): ListenerState(1, 128, 0, 0, 1024, 128),
-    })
+    }, overflow_drops_counted=True)
     headroom = Headroom(
         (ProcessFds(LEAKY, 900, 1000), ProcessFds(PROCESSES[JAVA], 700, 1024),
          ProcessFds(PROCESSES[NGINX], 180, 65536), ProcessFds(PROCESSES[NODE], 20, 1024)),

@@ -28,6 +28,9 @@ class ListenerState:
 @dataclass(frozen=True)
 class Listeners:
     by_port: Mapping[PortKey, ListenerState]
+    # off where the kernel cannot name an accept-queue overflow: the series
+    # is then absent, not a 0 that would read as "no overflow"
+    overflow_drops_counted: bool = False
 
 
 class ListenersSource(Source):
@@ -37,6 +40,7 @@ class ListenersSource(Source):
         by_port: dict[PortKey, ListenerState] = {}
         if ctx.probes.run_iterator("listener_stats") is None:
             return Listeners(by_port)
+        overflow_drops_counted = ctx.probes.via("overflow_drops") is not None
         # entries of closed listeners are deleted by the kernel, not by the clean-up
         for owner, _, l in ctx.owned_items("listeners", bpf_types.u64, bpf_types.Listener,
                                            forget_with_owner=False, owner_in_value=True):
@@ -56,14 +60,16 @@ class ListenersSource(Source):
                 requested=requested if prev is None or prev.requested is None else max(
                     prev.requested, requested or 0),
             )
-        return Listeners(by_port)
+        return Listeners(by_port, overflow_drops_counted)
 
     def families(self, piece: Listeners, scrape: Scrape) -> Iterator:
         rows = [(key.owner, (str(key.port),), st) for key, st in piece.by_port.items()]
         yield summed(metrics.LISTEN_QUEUE_LENGTH.family(), owned_rows(rows, scrape, lambda st: st.queue_length))
         yield summed(metrics.LISTEN_BACKLOG.family(), owned_rows(rows, scrape, lambda st: st.backlog))
         yield summed(metrics.LISTEN_DROPS.family(), owned_rows(rows, scrape, lambda st: st.drops))
-        yield summed(metrics.LISTEN_OVERFLOW_DROPS.family(), owned_rows(rows, scrape, lambda st: st.overflow_drops))
+        if piece.overflow_drops_counted:
+            yield summed(metrics.LISTEN_OVERFLOW_DROPS.family(),
+                         owned_rows(rows, scrape, lambda st: st.overflow_drops))
         yield maxed(metrics.LISTEN_SOMAXCONN.family(), owned_rows(rows, scrape, lambda st: st.somaxconn))
         yield maxed(metrics.LISTEN_BACKLOG_REQUESTED.family(), owned_rows(
             [r for r in rows if r[2].requested is not None], scrape, lambda st: st.requested))
