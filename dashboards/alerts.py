@@ -75,6 +75,7 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
     max_fds = f'{m.PROCESS_MAX_FDS}{{instance="%s",pid="%s"}}'
     backlog = f'max({m.LISTEN_BACKLOG}{{instance="%s",port="%s"}})'
     somaxconn = f'{m.SYSTEM_SOMAXCONN}{{instance="%s"}}'
+    listener_somaxconn = f'max({m.LISTEN_SOMAXCONN}{{instance="%s",pid="%s",port="%s"}})'
 
     I = '{instance="%s"}'
     IPP = '{instance="%s",pid="%s",port="%s"}'
@@ -192,13 +193,15 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             f"when the queue is full the kernel drops new connections."),
         Alert(
             "ConnwatchListenBacklogCapped", "listen-backlog-capped", "warning",
-            f"{m.LISTEN_BACKLOG_REQUESTED}\n  > on(instance, job) group_left()\n{m.SYSTEM_SOMAXCONN}",
+            # the listener's own network namespace's somaxconn (a pod's may differ from the host's)
+            f"{m.LISTEN_BACKLOG_REQUESTED}\n  > {m.LISTEN_SOMAXCONN}",
             p.backlog_capped_for,
             "{{ $labels.comm }} asked for a listen backlog above net.core.somaxconn.",
             f"{WHO} called listen() on port {{{{ $labels.port }}}} with a backlog of "
-            f"{VALUE}, but net.core.somaxconn is {q(somaxconn, 'instance')}: the kernel "
-            f"silently capped the accept queue at somaxconn. Raise net.core.somaxconn to at least the requested "
-            f"backlog."),
+            f"{VALUE}, but net.core.somaxconn of its network namespace is "
+            f"{q(listener_somaxconn, 'instance', 'pid', 'port')}: the kernel "
+            f"silently capped the accept queue at somaxconn. Raise net.core.somaxconn (in that namespace) to at "
+            f"least the requested backlog."),
         Alert(
             "ConnwatchPortExhaustionFailures", "port-exhaustion-failures", "critical",
             new_or_increased(m.PORT_EXHAUSTION_FAILURES, p.port_exhaustion_window, f"{PROC}, syscall"),
