@@ -77,7 +77,7 @@ def test_json_names_the_hard_rlimit_as_short_of_100000_and_exits_1():
     assert all(c["verdict"] in ("OK", "SHORT", "UNKNOWN") for c in report["checks"])
     assert set(report) == {"schema", "target_connections", "fds_needed_per_process", "backlog_needed",
                            "network_namespace", "verdict", "checks", "listeners", "processes", "fixes",
-                           "unreadable"}
+                           "unreadable", "other_network_namespaces"}
 
 
 def test_table_output_and_exit_code():
@@ -273,3 +273,34 @@ def test_bad_target_is_a_usage_error():
     out = doctor("--target-connections", "0")
     assert out.returncode == 2
     assert out.stderr.startswith("connwatch: error:") and out.stdout == ""
+
+
+@needs_root
+def test_other_namespaces_are_reported_where_their_limits_differ():
+    """Two "pods": one whose namespace lowers somaxconn and narrows the port
+    range, one set exactly as doctor's own namespace. Only the first is
+    listed, with its own values and the process in it."""
+    own = {key: " ".join(open("/proc/sys/" + key.replace(".", "/")).read().split())
+           for key in ("net.core.somaxconn", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_max_tw_buckets")}
+    with netns() as lowered, netns() as same:
+        subprocess.run(["ip", "netns", "exec", lowered, "sysctl", "-qw", "net.core.somaxconn=77",
+                        "net.ipv4.ip_local_port_range=40000 40999"], check=True)
+        subprocess.run(["ip", "netns", "exec", same, "sysctl", "-qw",
+                        *(f"{k}={v}" for k, v in own.items())], check=True)
+        sleepers = [subprocess.Popen(["ip", "netns", "exec", ns, "sleep", "120"]) for ns in (lowered, same)]
+        lowered_id = f"net:[{os.stat(f'/run/netns/{lowered}').st_ino}]"
+        try:
+            _, report = doctor_json("--target-connections", "10")
+            text = doctor("--target-connections", "10").stdout
+        finally:
+            for p in sleepers:
+                p.kill()
+                p.wait()
+    # `ip netns exec` execs the command: the Popen pid is the sleep's
+    by_pid = {pid: n for n in report["other_network_namespaces"] for pid in n["pids"]}
+    lowered_ns = by_pid[sleepers[0].pid]
+    assert lowered_ns["differs"] == {"net.core.somaxconn": "77", "net.ipv4.ip_local_port_range": "40000 40999"}
+    assert "sleep" in lowered_ns["comms"]
+    assert lowered_ns["network_namespace"] == lowered_id
+    assert sleepers[1].pid not in by_pid
+    assert "Other network namespaces whose limits differ" in text

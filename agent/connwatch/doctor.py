@@ -84,6 +84,20 @@ class ProcessInfo:
     systemd_limit_nofile_soft: int | str | None = None
 
 
+# per-network-namespace sysctls that decide a listener's or a client's limits
+NAMESPACED_SYSCTLS = ("net.core.somaxconn", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_max_tw_buckets")
+
+
+@dataclass
+class NamespaceLimits:
+    """A network namespace other than doctor's own, whose per-namespace
+    sysctls differ from doctor's namespace's (a pod's, a container's)."""
+    network_namespace: str
+    pids: list[int]  # the processes in it (the first few)
+    comms: list[str]
+    differs: dict[str, str]  # sysctl -> its value in that namespace
+
+
 @dataclass
 class Diagnosis:
     target_connections: int
@@ -94,6 +108,7 @@ class Diagnosis:
     listeners: list[Listener] = field(default_factory=list)
     processes: list[ProcessInfo] = field(default_factory=list)
     unreadable: list[str] = field(default_factory=list)
+    other_namespaces: list[NamespaceLimits] = field(default_factory=list)
     # what the fixes must set: sysctl key -> value; RLIMIT_NOFILE for login
     # sessions (limits.d); systemd unit -> LimitNOFILE
     sysctl_fixes: dict[str, str] = field(default_factory=dict)
@@ -402,11 +417,44 @@ def _process_info(pid: int, ports: list[int]) -> ProcessInfo:
                        rlimit_nofile_hard=None if limits is None else _rlimit_text(limits[1]))
 
 
-def _network_namespace() -> str | None:
+def _network_namespace(pid: int | str = "self") -> str | None:
     try:
-        return os.readlink("/proc/self/ns/net")
+        return os.readlink(f"/proc/{pid}/ns/net")
     except OSError:
         return None
+
+
+def _namespace_sysctls(pid: int | str) -> dict[str, str] | None:
+    """NAMESPACED_SYSCTLS as the namespace of `pid` sees them. /proc/sys/net
+    shows the reader's namespace, so the read runs there (nsenter); None if
+    it cannot (not root, or the process is gone)."""
+    paths = ["/proc/sys/" + key.replace(".", "/") for key in NAMESPACED_SYSCTLS]
+    cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "cat", *paths] if pid != "self" else ["cat", *paths]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    values = [" ".join(line.split()) for line in out.stdout.splitlines()]
+    return dict(zip(NAMESPACED_SYSCTLS, values)) if out.returncode == 0 and len(values) == len(paths) else None
+
+
+def _other_namespaces(own: str | None, limit_pids: int = 5) -> list[NamespaceLimits]:
+    """Every other network namespace a process on the host is in, where a
+    per-namespace sysctl differs from doctor's own namespace."""
+    members: dict[str, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (ns := _network_namespace(entry)) and ns != own:
+            members.setdefault(ns, []).append(int(entry))
+    mine = _namespace_sysctls("self") or {}
+    found = []
+    for ns, pids in sorted(members.items()):
+        pids.sort()
+        theirs = next((v for pid in pids[:limit_pids] if (v := _namespace_sysctls(pid)) is not None), None)
+        differs = {k: v for k, v in (theirs or {}).items() if mine.get(k) != v}
+        if differs:
+            found.append(NamespaceLimits(ns, pids[:limit_pids],
+                                         [procinfo.comm(pid) or "?" for pid in pids[:limit_pids]], differs))
+    return found
 
 
 def diagnose(target_connections: int) -> Diagnosis:
@@ -430,6 +478,7 @@ def diagnose(target_connections: int) -> Diagnosis:
     comms = {p.pid: p.comm for p in d.processes}
     for listener in d.listeners:
         _listener_checks(d, listener, system.somaxconn, comms)
+    d.other_namespaces = _other_namespaces(d.network_namespace)
     return d
 
 
@@ -477,6 +526,7 @@ def to_json(d: Diagnosis) -> dict[str, Any]:
         "processes": [asdict(p) for p in d.processes],
         "fixes": fixes(d),
         "unreadable": d.unreadable,
+        "other_network_namespaces": [asdict(n) for n in d.other_namespaces],
     }
 
 
@@ -526,6 +576,12 @@ def render(d: Diagnosis) -> str:
             lines += ["  --- in the application (e.g. nginx `listen PORT backlog=N;`, "
                       "Node.js `server.listen({port, backlog: N})`, Go needs somaxconn only):"]
             lines += ["  " + x for x in f["application"]]
+    if d.other_namespaces:
+        lines += ["", "Other network namespaces whose limits differ from this one's (pods, containers):"]
+        for n in d.other_namespaces:
+            who = ", ".join(f"{c} ({p})" for p, c in zip(n.pids, n.comms))
+            lines.append(f"  {n.network_namespace}: {who}")
+            lines += [f"    {k} = {v}" for k, v in n.differs.items()]
     if d.unreadable:
         lines += ["", "Could not read:"] + [f"  {x}" for x in d.unreadable]
     lines += ["", f"verdict: {'SHORT: at least one limit is below the target' if d.short else 'OK'}"]
