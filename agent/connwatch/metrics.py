@@ -79,9 +79,9 @@ CONNECTIONS = _gauge(
     "connwatch_connections",
     "Accepted TCP connections not yet closed, per owning process, local port and kind.",
     "connections",
-    "`accept`/`accept4` returns (fexit on `inet_csk_accept`, or the handshake at `inet_sock_set_state` where "
-    "only tracepoints work), `inet_sock_set_state` to `TCP_CLOSE`; seeded at start-up from every process's fd "
-    "table (`iter/task_file`)",
+    "`accept`/`accept4` returns (fexit or kretprobe on `inet_csk_accept`; where neither works, the completed "
+    "handshake at `inet_sock_set_state`, counted once a process has the connection), `inet_sock_set_state` to "
+    "`TCP_CLOSE`; seeded at start-up from every process's fd table (`iter/task_file`)",
     PROCESS + ("port", "kind"),
     details="IPv4 and IPv6. A connection counts until the kernel reaches `TCP_CLOSE`, which can come after the "
     "application's `close()`: an orphaned socket still finishing its close stays counted under its last "
@@ -102,11 +102,13 @@ ACCEPTED = _counter(
     "connwatch_connections_accepted_total",
     "TCP connections the process accepted.",
     "connections",
-    "`accept`/`accept4` returns",
+    "`accept`/`accept4` returns (fexit or kretprobe on `inet_csk_accept`), or where neither works the first "
+    "sign that a connection counted from its handshake was accepted",
     PROCESS + ("port",),
     details="Since the agent started (seeded connections are not counted). Each connection's accept is "
-    "counted exactly once, by an atomic flag on its entry, also when its owner changes or it closes at the "
-    "same moment on another CPU.")
+    "counted exactly once: by the insert that tracks it or, counted from the handshake, by whoever first "
+    "removes it from the `queued` map; also when its owner changes or it closes at the same moment on "
+    "another CPU.")
 CLOSED = _counter(
     "connwatch_connections_closed_total",
     "Connections the process accepted that since reached TCP_CLOSE.",
@@ -117,16 +119,17 @@ CONNECTION_DURATION = Metric(
     "connwatch_connection_duration_seconds", "histogram",
     "Lifetime of accepted connections at TCP_CLOSE, per last owner (log2 buckets, in-kernel).",
     "connections",
-    "`bpf_ktime_get_ns()` at accept and at `TCP_CLOSE`, bucketed in the kernel (log2 of milliseconds: "
-    "`le` = 0.001, 0.002, 0.004 … s)",
+    "`bpf_ktime_get_ns()` at accept (at the handshake where no accept hook works) and at `TCP_CLOSE`, bucketed "
+    "in the kernel (log2 of milliseconds: `le` = 0.001, 0.002, 0.004 … s)",
     PROCESS + ("port", "kind"), unit="seconds",
     details="Connections seeded at start-up have no known age and are not recorded.")
 WEBSOCKET_UPGRADES = _counter(
     "connwatch_websocket_upgrades_total",
     "WebSocket upgrade requests answered, by HTTP status (101 = accepted).",
     "connections",
-    "`sock_recv_length` (first request: `GET` with `Upgrade: websocket`, any case, within its first 512 "
-    "bytes) and `sock_send_length` (the answer's HTTP status)",
+    "a new connection's first bytes received (a `GET` with `Upgrade: websocket`, any case, within its first "
+    "512 bytes) and sent (the answer's HTTP status): fentry on `tcp_sendmsg` and fexit on `tcp_recvmsg`, their "
+    "kprobes, or `tp_btf/sock_send_length` and `sock_recv_length`",
     PROCESS + ("port", "status"),
     details="`status=\"101\"` accepted; `429`, `503` … refused by the application. The bytes are read from the "
     "syscall's user buffer; classification stops after the first exchange.")
@@ -158,18 +161,19 @@ FD_ALLOC_FAILURES = _counter(
     "connwatch_fd_alloc_failures_total",
     "Syscalls that failed with EMFILE (per-process fd limit) or ENFILE (fs.file-max).",
     "failures",
-    "fexit on `alloc_fd`/`alloc_empty_file`, or `tp_btf/sys_exit` returning `-EMFILE`/`-ENFILE` where only "
-    "tracepoints work (`syscall_tracing`)",
+    "fexit or kretprobe on `alloc_fd`/`alloc_empty_file`; where neither works, the syscall hook "
+    "(`tp_btf/sys_exit` returning `-EMFILE`/`-ENFILE`), attached as `syscall_tracing` says",
     PROCESS + ("syscall", "errno"),
     details="`EMFILE` = the process hit its soft `RLIMIT_NOFILE`, `ENFILE` = the host hit `fs.file-max`. "
     "`syscall` names the fd-allocating syscalls (`accept4`, `socket`, `openat`, `dup`, `pipe2`, "
-    "`epoll_create1`, `eventfd2`, …); any other is `other`.")
+    "`epoll_create1`, `eventfd2`, …); any other is `other`. Through the syscall hook, failures are counted "
+    "only while it is attached (`connwatch_syscall_hook_armed`).")
 PORT_EXHAUSTION_FAILURES = _counter(
     "connwatch_port_exhaustion_failures_total",
     "connect() or bind() calls that found no free local port (EADDRNOTAVAIL; EADDRINUSE for bind() to port 0).",
     "failures",
-    "fexit on `inet_hash_connect`/`inet_csk_get_port`, or `tp_btf/sys_exit` of `connect`/`bind` where only "
-    "tracepoints work (`syscall_tracing`)",
+    "fexit or kretprobe on `inet_hash_connect`/`inet6_hash_connect`/`inet_csk_get_port`; where neither works, "
+    "the syscall hook (`tp_btf/sys_exit` of `connect`/`bind`), attached as `syscall_tracing` says",
     PROCESS + ("syscall",),
     details="The ephemeral range is exhausted for a destination (compare `connwatch_ephemeral_ports_in_use`).")
 
@@ -179,7 +183,8 @@ LISTEN_QUEUE_LENGTH = _gauge(
     "connwatch_listen_queue_length",
     "Connections in the listener's accept queue, waiting for accept() (ss Recv-Q).",
     "listeners",
-    "`sk_ack_backlog`, read by an iterator over the `listeners` map each refresh",
+    "`sk_ack_backlog`, written into the `listeners` map each refresh by the listener-stats iterator "
+    "(`iter/bpf_map` + `bpf_for_each_map_elem`, or `iter/bpf_map_elem`)",
     PROCESS + ("port",))
 LISTEN_BACKLOG = _gauge(
     "connwatch_listen_backlog",
@@ -193,10 +198,12 @@ LISTEN_BACKLOG_REQUESTED = _gauge(
     "Backlog the application passed to listen() (the kernel caps it at net.core.somaxconn); absent for "
     "listeners that predate the agent.",
     "listeners",
-    "`listen()`'s second argument (fexit on `__sys_listen`, or `tp_btf/sys_exit`)",
+    "`listen()`'s second argument (fexit or kretprobe on `__sys_listen`, or the syscall hook "
+    "`tp_btf/sys_exit`)",
     PROCESS + ("port",),
-    details="Above `connwatch_listen_somaxconn` it was silently capped. Absent with `syscall_tracing: never` "
-    "where only the syscall hook sees `listen()`.")
+    details="Above `connwatch_listen_somaxconn` it was silently capped. Where only the syscall hook sees "
+    "`listen()`: absent with `syscall_tracing: never`, and with `on_demand` for a `listen()` made while the "
+    "hook was detached.")
 LISTEN_SOMAXCONN = _gauge(
     "connwatch_listen_somaxconn",
     "net.core.somaxconn of the listener's network namespace: the cap on its listen() backlog.",
@@ -214,10 +221,11 @@ LISTEN_OVERFLOW_DROPS = _counter(
     "connwatch_listen_overflow_drops_total",
     "Handshakes dropped because the listener's accept queue was full.",
     "listeners",
-    "fexit on `tcp_v4_syn_recv_sock`/`tcp_v6_syn_recv_sock`, or `tp_btf/kfree_skb` with reason "
-    "`SKB_DROP_REASON_TCP_LISTEN_OVERFLOW`",
+    "fexit or kretprobe on `tcp_v4_syn_recv_sock`/`tcp_v6_syn_recv_sock`, or `tp_btf/kfree_skb` with reason "
+    "`SKB_DROP_REASON_TCP_LISTEN_OVERFLOW` (v6.15)",
     PROCESS + ("port",),
-    details="Handshake ACKs dropped: clients that think they are connected but are not.")
+    details="Handshake ACKs dropped: clients that think they are connected but are not. Absent where the "
+    "`overflow_drops` probe is off (a kernel that offers none of its strategies).")
 
 # ---- headroom per process (/proc) ------------------------------------------------
 
@@ -353,7 +361,7 @@ SYSCALL_HOOK_ARMED = _gauge(
     "1 while the syscall hook is attached (kernels without fentry or kprobes, syscall_tracing: on_demand arms "
     "it near a limit).",
     "bpf", "connwatch/arming.py",
-    details="Absent where no probe needs the syscall hook.")
+    details="Absent where no probe needs the syscall hook, and with `syscall_tracing: never`.")
 BPF_MAP_ENTRIES = _gauge(
     "connwatch_bpf_map_entries", "Entries in a BPF map.", "bpf", "the map read of each refresh", ("map",))
 BPF_MAP_CAPACITY = _gauge(
