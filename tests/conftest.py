@@ -120,7 +120,8 @@ class AgentProcess:
             [CONNWATCH, "run", f"--web.listen-address=127.0.0.1:{self.port}",
              f"--config.file={self.config_path}", *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT)
-        wait_for(self._ready, timeout=60, what="agent ready")
+        # loading and verifying the programs takes over a minute in an emulated VM
+        wait_for(self._ready, timeout=240, what="agent ready")
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:

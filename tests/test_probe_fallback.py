@@ -21,10 +21,11 @@ from test_core import connect_many
 
 TRACEPOINTS_ONLY = "attach_kinds: [tracepoint, syscall_hook, iterator]\n"
 
-# the kernel version each tracepoint-fed probe needs, and what names it in the log
+# the kernel version each tracepoint-fed probe needs, and what names the
+# missing feature in the log (before 5.17 kfree_skb has no reason at all)
 NEEDS = {
-    "classification": ((6, 3), "sock_send_length"),
-    "overflow_drops": ((6, 15), "SKB_DROP_REASON_TCP_LISTEN_OVERFLOW"),
+    "classification": ((6, 3), ("sock_send_length",)),
+    "overflow_drops": ((6, 15), ("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW", "tracepoint kfree_skb has 2 arguments")),
 }
 
 
@@ -47,7 +48,7 @@ def test_probes_younger_than_the_kernel_are_off_and_the_rest_count_exactly(start
     for probe in expected_off:
         lines = [line for line in log.splitlines() if f"probe {probe} off" in line]
         assert len(lines) == 1, lines
-        assert NEEDS[probe][1] in lines[0], lines[0]
+        assert any(needle in lines[0] for needle in NEEDS[probe][1]), lines[0]
 
     srv = server()
     (port,) = srv.ports

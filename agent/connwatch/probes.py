@@ -18,6 +18,8 @@ import ctypes
 import errno
 import logging
 import os
+import re
+import resource
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -390,6 +392,18 @@ def _make_plan(kernel: Kernel, cfg: Config) -> Plan:
     return plan
 
 
+def _memlock_hint() -> str:
+    """Before 5.11 BPF maps are charged to RLIMIT_MEMLOCK, not the memory
+    cgroup: without CAP_SYS_RESOURCE, libbpf cannot lift the 8 MiB default
+    and creating the maps fails with the same EPERM (measured on 5.10)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
+    if release >= (5, 11) or soft == resource.RLIM_INFINITY:
+        return ""
+    return (f", and on kernel {os.uname().release} (before 5.11) an unlimited RLIMIT_MEMLOCK "
+            "(systemd LimitMEMLOCK=infinity, or CAP_SYS_RESOURCE)")
+
+
 def _load(path: str, cfg: Config, plan: Plan) -> BpfObject:
     """Load the plan's programs, demoting probes whose program the verifier refuses."""
     while True:
@@ -404,7 +418,7 @@ def _load(path: str, cfg: Config, plan: Plan) -> BpfObject:
             obj.close()
             if e.errno == errno.EPERM and e.program is None:
                 raise ProbeError("loading BPF programs was refused (EPERM): run as root or grant "
-                                 "CAP_BPF and CAP_PERFMON (see docs/security.md)") from None
+                                 "CAP_BPF and CAP_PERFMON" + _memlock_hint() + " (see docs/security.md)") from None
             probe = plan.owner_of(e.program) if e.program else None
             if probe is None:
                 raise ProbeError(f"loading {path} failed: {e.reason}") from None
