@@ -89,3 +89,31 @@ def test_listener_drops_equal_the_namespace_listen_drops(agent, netns):
             if p:
                 p.kill()
                 p.wait()
+
+
+def test_listener_in_a_namespace_made_after_start_up_is_in_the_next_snapshot(start_agent):
+    """No periodic walk finds listeners: one created after start-up, in a
+    network namespace made after start-up with its own somaxconn, is in the
+    first snapshot that began after its listen() (refreshes 1 s apart)."""
+    import time
+
+    from conftest import network_namespace
+
+    agent = start_agent("refresh_interval_seconds: 1\n")
+    with network_namespace() as ns:
+        subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw", "net.core.somaxconn=1000"], check=True)
+        server = in_netns(ns, str(SERVERS / "hold_server.py"), "--backlog", "32")
+        try:
+            port = int(server.stdout.readline().split()[1])  # printed after listen()
+            listened = time.time()
+            m = agent.scrape_after(listened)
+            began = m.value("connwatch_snapshot_timestamp_seconds") - m.value("connwatch_snapshot_duration_seconds")
+            if m.value("connwatch_listen_backlog", pid=server.pid, port=port) is None:
+                # that snapshot was already under way at listen(): the next one must have it
+                assert began <= listened
+                m = agent.scrape_after(m.value("connwatch_snapshot_timestamp_seconds"))
+            assert m.value("connwatch_listen_backlog", pid=server.pid, port=port) == 32
+            assert m.value("connwatch_listen_somaxconn", pid=server.pid, port=port) == 1000
+        finally:
+            server.kill()
+            server.wait()
