@@ -54,6 +54,9 @@ KERNEL_TESTS ?= tests/kernels/guest_checks.py tests/kernels/kernel_report.py \
 	tests/test_fd_headroom.py::test_processes_without_sockets_are_reported_past_half_their_limit \
 	tests/test_websocket.py::test_python_websockets_server tests/test_websocket.py::test_node_ws_server \
 	-k "not churn and not bpf_program_cost and not recounts and not reads_without_capabilities and not cluster2 and not per_destination" --durations=8
+# VMs booted at once: each is one emulated CPU, so as many as the host has
+# cores (the whole matrix then fits CI's budget beside `make test`).
+KERNEL_JOBS  ?= $(shell nproc)
 # The development host's column of docs/kernels.md (no VM).
 HOST_KERNEL_TESTS := tests/kernels/kernel_report.py tests/test_probe_fallback.py
 
@@ -174,7 +177,7 @@ kernels: apt-kernel-tests
 test-kernels: deps kernels
 	bpf/vmlinux/generate --check
 	$(PY) -m pytest -p no:cacheprovider tests/kernels/vm_runner_checks.py
-	tests/kernels/matrix $(KERNELS) -- $(KERNEL_TESTS)
+	tests/kernels/matrix --jobs $(KERNEL_JOBS) $(KERNELS) -- $(KERNEL_TESTS)
 	tests/kernels/matrix host -- $(HOST_KERNEL_TESTS)
 	if [ "$(KERNELS)" = "$(ALL_KERNELS)" ]; then tests/kernels/render_kernels_doc --check; fi
 
