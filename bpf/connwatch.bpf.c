@@ -637,7 +637,22 @@ int cw_listener_stats(struct bpf_iter__bpf_map *ctx)
 	return 0;
 }
 
-/* The same, as an iterator over the listeners map's elements (v5.9). */
+/*
+ * The same without bpf_for_each_map_elem() (before v5.13), as two
+ * iterators over map elements (v5.9), run in this order: one over `queued`
+ * (handshake counting only: runs, and finds nothing, otherwise), one over
+ * the listeners map.
+ */
+SEC("iter/bpf_map_elem")
+int cw_queued_settle_elem(struct bpf_iter__bpf_map_elem *ctx)
+{
+	__u64 *key = ctx->key;
+
+	if (key && count_at_handshake)
+		settle_if_accepted(key);
+	return 0;
+}
+
 SEC("iter/bpf_map_elem")
 int cw_listener_stats_elem(struct bpf_iter__bpf_map_elem *ctx)
 {

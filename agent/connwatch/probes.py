@@ -162,7 +162,8 @@ class Strategy:
     programs: tuple[str, ...]    # the BPF programs it loads (cw_sys_exit is shared)
     requires: tuple[Requirement, ...] = ()
     fexit_functions: tuple[str, ...] = ()  # their arity goes into nargs_<function>
-    iter_map: str | None = None  # the map a map-element iterator walks
+    # program -> the map it walks, for map-element iterators
+    iter_maps: tuple[tuple[str, str], ...] = ()
 
     def unmet(self, kernel: Kernel) -> str | None:
         for check in self.requires:
@@ -266,8 +267,9 @@ PROBES: tuple[Probe, ...] = (
     Probe("listener_stats", (
         Strategy("iterator", "iter/bpf_map + bpf_for_each_map_elem", ("cw_listener_stats",),
                  (_iter_target("bpf_map"), _helper("for_each_map_elem"))),
-        Strategy("iterator", "iter/bpf_map_elem", ("cw_listener_stats_elem",), (_iter_target("bpf_map_elem"),),
-                 iter_map="listeners"),
+        Strategy("iterator", "iter/bpf_map_elem", ("cw_queued_settle_elem", "cw_listener_stats_elem"),
+                 (_iter_target("bpf_map_elem"),),
+                 iter_maps=(("cw_queued_settle_elem", "queued"), ("cw_listener_stats_elem", "listeners"))),
     ), ("connwatch_listen_queue_length", "connwatch_listen_backlog", "connwatch_listen_drops_total",
         "connwatch_listen_somaxconn")),
     Probe("port_use", (
@@ -474,9 +476,10 @@ class Probes:
         return self.plan.strategy(probe) if self.enabled.get(probe) else None
 
     def run_iterator(self, probe: str) -> bytes | None:
-        """Output of a probe's iterator program; None if the probe is off."""
+        """Output of a probe's iterator programs, run in their order; None if
+        the probe is off."""
         s = self.via(probe)
-        return self.obj.programs[s.programs[0]].run_iter() if s else None
+        return b"".join(self.obj.programs[p].run_iter() for p in s.programs) if s else None
 
     def seed(self) -> tuple[int, int]:
         """Record listeners and accepted connections that predate the agent.
@@ -536,7 +539,8 @@ def _attach(obj: BpfObject, plan: Plan) -> str | None:
             if s.via != "iterator":
                 prog.attach()
             else:
-                prog.attach_iter(obj.maps[s.iter_map].fd if s.iter_map else None)
+                walks = dict(s.iter_maps).get(name)
+                prog.attach_iter(obj.maps[walks].fd if walks else None)
         except LibbpfError as e:
             return f"{name}: attach failed: {e.strerror}"
     return None
