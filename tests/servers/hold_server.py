@@ -25,6 +25,7 @@ p = argparse.ArgumentParser()
 p.add_argument("--v4", default="127.0.0.1")
 p.add_argument("--v6", default=None)
 p.add_argument("--backlog", type=int, default=4096)
+p.add_argument("--port", type=int, default=0)  # 0: any free port
 args = p.parse_args()
 
 listeners = []
@@ -32,7 +33,7 @@ for family, addr in ((socket.AF_INET, args.v4), (socket.AF_INET6, args.v6)):
     if addr:
         s = socket.socket(family, socket.SOCK_STREAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind((addr, 0))
+        s.bind((addr, args.port))
         s.listen(args.backlog)
         listeners.append(s)
 held = []
