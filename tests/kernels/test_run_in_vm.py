@@ -28,10 +28,14 @@ def test_bad_input_is_one_line_and_exit_2(args, says):
 
 
 def test_a_directory_the_guest_does_not_share_is_refused():
+    # /tmp itself is the guest's own (a checkout below it is carried in)
     result = run_in_vm("6.1", "true", cwd="/tmp")
     assert result.returncode == 2
     assert result.stderr == ("run-in-vm: the current directory /tmp is not visible in the VM (it has "
                              "its own /tmp): run from a directory of the root file system\n")
+    result = run_in_vm("6.1", "true", cwd="/run")
+    assert result.returncode == 2
+    assert "its own /run" in result.stderr
 
 
 def test_help_names_the_kernels_and_the_exit_statuses():
