@@ -336,8 +336,8 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
     return res
 
 
-def _agent(profile, tag: str) -> C.Agent:
-    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh}, tag=tag)
+def _agent(profile, tag: str, **config) -> C.Agent:
+    agent = C.Agent({"refresh_interval_seconds": profile.agent_refresh, **config}, tag=tag)
     agent.settle()
     return agent
 
@@ -477,7 +477,8 @@ def scale(profile) -> dict:
     out = {"connections": connections_axis(profile)}
     # one agent for the other two axes, with no connections held: processes
     # first (idle ones, gone again), then listeners, which only grow
-    agent = _agent(profile, "scale-listeners")
+    # the listeners map sized for the largest level (the default holds 4,096)
+    agent = _agent(profile, "scale-listeners", maps={"listeners": 2 * max(profile.listener_levels) + 4096})
     try:
         for name, axis in (("processes", processes_axis), ("listeners", listeners_axis)):
             try:
