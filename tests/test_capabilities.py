@@ -24,7 +24,6 @@ import ctypes
 import errno
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import pytest
 
 from conftest import stop_process, wait_for
 from connwatch import caps
+from connwatch.probes import kernel_version
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -152,18 +152,13 @@ AGENT_NEEDS = {
     "read other user's /proc/pid/cgroup": set(),
     "read other user's /proc/pid/stat": set(),
 }
-def _kernel() -> tuple[int, int]:
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int(minor)
-
-
 # What the agent does NOT do, and what it would take: CAP_SYS_PTRACE, deliberately not kept.
 NOT_DONE_NEEDS = {
     "readlink other user's /proc/pid/fd/N": {"CAP_DAC_READ_SEARCH", "CAP_SYS_PTRACE"},
     # a ptrace check guards fdinfo since a kernel between 5.10 and 6.1 (measured:
     # Debian's 5.10 lets CAP_DAC_READ_SEARCH read it, 6.1 does not)
     "read other user's /proc/pid/fdinfo/N": (
-        {"CAP_SYS_PTRACE"} if _kernel() >= (6, 1)
+        {"CAP_SYS_PTRACE"} if kernel_version() >= (6, 1)
         else {"CAP_DAC_READ_SEARCH"}),
     # a root process has every capability: reading its fd links needs ptrace rights over it
     "readlink a root process's /proc/pid/fd/N": {"CAP_SYS_PTRACE"},
@@ -319,7 +314,7 @@ def test_non_root_agent_with_only_the_units_capabilities(tmp_path):
             proc = subprocess.Popen(
                 # kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK: the
                 # LimitMEMLOCK=infinity drop-in docs/security.md asks for there
-                [*(["prlimit", "--memlock=unlimited:unlimited"] if _kernel() < (5, 11) else []),
+                [*(["prlimit", "--memlock=unlimited:unlimited"] if kernel_version() < (5, 11) else []),
                  "setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
                  f"--inh-caps=-all,{granted}", f"--ambient-caps=-all,{granted}", f"--bounding-set=-all,{granted}",
                  CONNWATCH, "run", f"--web.listen-address=127.0.0.1:{port}", f"--config.file={cfg}"],

@@ -13,10 +13,10 @@ shows every probe on its tracepoint.
 
 from __future__ import annotations
 
-import os
 import socket
 
 from conftest import close_ends_the_server_closed
+from connwatch.probes import kernel_version
 from test_core import connect_many
 
 TRACEPOINTS_ONLY = "attach_kinds: [tracepoint, syscall_hook, iterator]\n"
@@ -27,11 +27,6 @@ NEEDS = {
     "classification": ((6, 3), ("sock_send_length",)),
     "overflow_drops": ((6, 15), ("SKB_DROP_REASON_TCP_LISTEN_OVERFLOW", "tracepoint kfree_skb has 2 arguments")),
 }
-
-
-def kernel_version() -> tuple[int, int]:
-    major, minor = os.uname().release.split(".")[:2]
-    return int(major), int(minor)
 
 
 def test_probes_younger_than_the_kernel_are_off_and_the_rest_count_exactly(start_agent, server):

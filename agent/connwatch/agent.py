@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -40,16 +39,10 @@ class StartupError(RuntimeError):
     """A user-fixable reason the agent cannot start; exit code 2."""
 
 
-def kernel_version(release: str) -> tuple[int, int]:
-    """(major, minor) of a uname release such as '6.1.0-27-cloud-amd64'."""
-    parts = re.match(r"(\d+)\.(\d+)", release)
-    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
-
-
 def preflight(release: str | None = None, btf_path: str = BTF_PATH) -> None:
     """Refuse, in one line naming the kernel, what no probe could run on."""
     release = release or os.uname().release
-    if kernel_version(release) < MIN_KERNEL:
+    if probes_mod.kernel_version(release) < MIN_KERNEL:
         raise StartupError(f"kernel {release} is older than {MIN_KERNEL[0]}.{MIN_KERNEL[1]}, the oldest "
                            "connwatch supports (BTF-typed tracepoints and BPF iterators are missing)")
     if not os.path.exists(btf_path):

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import fds, procinfo
-from .system import TCP_LISTEN, SystemLimits, TcpSocket, read_system, tcp_sockets
+from .system import TCP_LISTEN, SystemLimits, TcpSocket, read_system, read_text, sysctl_path, tcp_sockets
 
 SCHEMA_VERSION = 1
 
@@ -424,12 +424,17 @@ def _network_namespace(pid: int | str = "self") -> str | None:
         return None
 
 
-def _namespace_sysctls(pid: int | str) -> dict[str, str] | None:
+def _own_namespace_sysctls() -> dict[str, str]:
+    return {key: " ".join(text.split()) for key in NAMESPACED_SYSCTLS
+            if (text := read_text(sysctl_path(key))) is not None}
+
+
+def _namespace_sysctls(pid: int) -> dict[str, str] | None:
     """NAMESPACED_SYSCTLS as the namespace of `pid` sees them. /proc/sys/net
     shows the reader's namespace, so the read runs there (nsenter); None if
     it cannot (not root, or the process is gone)."""
-    paths = ["/proc/sys/" + key.replace(".", "/") for key in NAMESPACED_SYSCTLS]
-    cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "cat", *paths] if pid != "self" else ["cat", *paths]
+    paths = [sysctl_path(key) for key in NAMESPACED_SYSCTLS]
+    cmd = ["nsenter", f"--net=/proc/{pid}/ns/net", "--", "cat", *paths]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=5, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.TimeoutExpired):
@@ -445,7 +450,7 @@ def _other_namespaces(own: str | None, limit_pids: int = 5) -> list[NamespaceLim
     for entry in os.listdir("/proc"):
         if entry.isdigit() and (ns := _network_namespace(entry)) and ns != own:
             members.setdefault(ns, []).append(int(entry))
-    mine = _namespace_sysctls("self") or {}
+    mine = _own_namespace_sysctls()
     found = []
     for ns, pids in sorted(members.items()):
         pids.sort()

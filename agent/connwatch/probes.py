@@ -52,6 +52,13 @@ class ProbeError(RuntimeError):
 # ---- what the running kernel offers ---------------------------------------------
 
 
+def kernel_version(release: str | None = None) -> tuple[int, int]:
+    """(major, minor) of a uname release such as '6.1.0-27-cloud-amd64'
+    (the running kernel's by default); (0, 0) if it has no such prefix."""
+    parts = re.match(r"(\d+)\.(\d+)", release or os.uname().release)
+    return (int(parts[1]), int(parts[2])) if parts else (0, 0)
+
+
 class Kernel:
     """The running kernel's BTF, symbols and BPF features, looked up lazily."""
 
@@ -399,8 +406,7 @@ def _memlock_hint() -> str:
     cgroup: without CAP_SYS_RESOURCE, libbpf cannot lift the 8 MiB default
     and creating the maps fails with the same EPERM (measured on 5.10)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    release = tuple(int(x) for x in re.findall(r"\d+", os.uname().release)[:2])
-    if release >= (5, 11) or soft == resource.RLIM_INFINITY:
+    if kernel_version() >= (5, 11) or soft == resource.RLIM_INFINITY:
         return ""
     return (f", and on kernel {os.uname().release} (before 5.11) an unlimited RLIMIT_MEMLOCK "
             "(systemd LimitMEMLOCK=infinity, or CAP_SYS_RESOURCE)")
