@@ -199,17 +199,21 @@ def test_processes_without_sockets_are_reported_past_half_their_limit(start_agen
 
 def test_the_fd_census_caches_limits_and_rereads_them_near_the_limit():
     """A limit changed by prlimit is seen at once by a process past half of its
-    cached limit, and after FdCensus.RECHECK_ROUNDS censuses by any other."""
+    cached limit. Any other process's limit is read again in the census after
+    it was first seen (processes set their limit at start-up), then at
+    doubling intervals of at most FdCensus.RECHECK_ROUNDS censuses."""
     census = fds.FdCensus()
     with fd_holder(100, soft_limit=150) as (near, near_total), fd_holder(20, soft_limit=1000) as (far, _):
         first = {u.pid: u for u in census.read()}
         assert (first[near].open, first[near].limit) == (near_total, 150)
         assert first[far].limit == 1000
+        subprocess.run(["prlimit", f"--pid={far}", f"--nofile=900:{HARD_LIMIT}"], check=True)
+        assert {u.pid: u for u in census.read()}[far].limit == 900  # young: read again at once
         for pid, soft in ((near, near_total + 5), (far, 500)):
             subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{HARD_LIMIT}"], check=True)
         again = {u.pid: u for u in census.read()}
         assert again[near].limit == near_total + 5
-        assert again[far].limit == 1000  # cached
+        assert again[far].limit == 900  # cached: the next read is 2 censuses after the last
         for _ in range(fds.FdCensus.RECHECK_ROUNDS):
             later = {u.pid: u for u in census.read()}
         assert later[far].limit == 500

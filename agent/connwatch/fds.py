@@ -124,6 +124,7 @@ class _CachedLimit:
     fd_dir_inode: int  # tells a reused pid from the process we read
     limit: int
     read_in: int       # the census round it was read in
+    reread_after: int  # censuses until it is read again: doubles up to RECHECK_ROUNDS
 
 
 class FdCensus:
@@ -131,12 +132,13 @@ class FdCensus:
 
     One stat() per process counts its fds. /proc/<pid>/limits (a text file
     the kernel formats for every resource) is read once per process and
-    cached: limits rarely change (prlimit, or a process raising its own at
-    start-up). A cached limit is read again after RECHECK_ROUNDS censuses,
-    and at once when the process reaches RECHECK_SHARE of it, so a process
-    near its limit is always measured against the limit it really has. A pid
-    reused by a new process has a new /proc/<pid>/fd inode, which misses
-    the cache.
+    cached: limits rarely change (prlimit, or a process setting its own at
+    start-up). Start-up is when they do change, so a new process's limit is
+    read again in the next census, then after 2, 4, 8 ... censuses, at most
+    RECHECK_ROUNDS apart; and at once when the process reaches RECHECK_SHARE
+    of it, so a process near its limit is always measured against the limit
+    it really has. A pid reused by a new process has a new /proc/<pid>/fd
+    inode, which misses the cache.
 
     Processes without fds (kernel threads, zombies) are left out. On kernels
     before 6.2 counting lists each /proc/<pid>/fd (CAP_DAC_READ_SEARCH for
@@ -168,13 +170,15 @@ class FdCensus:
             if not count:
                 continue
             cached = self._limits.get(pid)
-            if (cached is None or cached.fd_dir_inode != st.st_ino
-                    or self._round - cached.read_in >= self.RECHECK_ROUNDS
+            if cached is not None and cached.fd_dir_inode != st.st_ino:
+                cached = None  # the pid was reused
+            if (cached is None or self._round - cached.read_in >= cached.reread_after
                     or count >= cached.limit * self.RECHECK_SHARE):
                 limit = max_fds(pid)
                 if limit is None:
                     continue
-                cached = _CachedLimit(st.st_ino, limit, self._round)
+                after = 1 if cached is None else min(2 * cached.reread_after, self.RECHECK_ROUNDS)
+                cached = _CachedLimit(st.st_ino, limit, self._round, after)
             seen[pid] = cached
             out.append(FdUse(pid, count, cached.limit))
         self._limits = seen  # forget the processes that are gone
