@@ -115,3 +115,48 @@ def test_full_peer_map_is_counted_not_fatal(start_agent, server):
     assert m.value("connwatch_bpf_map_full_total", map="peers") >= 300 - ours
     for c in clients:
         c.close()
+
+
+def test_listeners_past_the_cap_fold_into_their_process_port_other(start_agent):
+    """max_listener_series: the fullest accept queue keeps its own series
+    however late it ranks by port, the rest add up under port="other", and
+    the totals equal the kernel's."""
+    cap, n = 5, 40
+    agent = start_agent(f"max_listener_series: {cap}\n")
+    me = str(os.getpid())
+    listeners, clients = [], []
+    try:
+        for i in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(10 + i)  # backlogs 10 .. 49: their sum is the ground truth
+            listeners.append(s)
+        full = listeners[-1]
+        full_port = full.getsockname()[1]
+        for _ in range(3):  # never accepted: 3 in the queue of the last listener
+            c = socket.create_connection(full.getsockname())
+            clients.append(c)
+
+        def folded():
+            m = agent.scrape()
+            if m.value("connwatch_listen_queue_length", pid=me, port=full_port) != 3:
+                return None
+            return m if m.value("connwatch_listen_backlog", pid=me) == sum(range(10, 10 + n)) else None
+
+        m = wait_for(folded, 20, what="the full listener under its own port, every backlog counted")
+        for name in ("connwatch_listen_queue_length", "connwatch_listen_backlog", "connwatch_listen_drops_total",
+                     "connwatch_listen_somaxconn"):
+            ports = [s.labels["port"] for s in m.select(name, pid=me)]
+            assert len(ports) == cap + 1, (name, ports)
+            assert ports.count("other") == 1, (name, ports)
+        own = {int(s.labels["port"]) for s in m.select("connwatch_listen_backlog", pid=me) if s.labels["port"] != "other"}
+        assert full_port in own
+        ports = {s.getsockname()[1]: 10 + i for i, s in enumerate(listeners)}
+        other = m.value("connwatch_listen_backlog", pid=me, port="other")
+        assert other == sum(b for p, b in ports.items() if p not in own)
+        assert m.value("connwatch_listen_queue_length", pid=me, port="other") == 0
+        somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+        assert m.value("connwatch_listen_somaxconn", pid=me, port="other") == somaxconn
+    finally:
+        for s in clients + listeners:
+            s.close()

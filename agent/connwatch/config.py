@@ -75,6 +75,8 @@ class Config:
     websocket_ports: tuple[int, ...] = ()
     # processes beyond this many get folded into one comm="other" series per metric
     max_process_series: int = 500
+    # listeners past it are summed into port="other" of their process
+    max_listener_series: int = 1000
     # path of the compiled BPF object; empty = the installed default
     bpf_object: str = ""
     # turn on the kernel's BPF run-time statistics while the agent runs, so
@@ -109,6 +111,7 @@ _RANGES: dict[str, tuple[float, float]] = {
     "refresh_interval_seconds": (0.05, 300),
     "socket_table_interval_seconds": (0.05, 3600),
     "max_process_series": (1, 100000),
+    "max_listener_series": (1, 100000),
     "fd_headroom_processes": (0, 100000),
     "port_destinations_top_k": (0, 1000),
     "peers.top_k": (0, 1000),

@@ -33,8 +33,33 @@ class Listeners:
     overflow_drops_counted: bool = False
 
 
+# the port label of a process's listeners past max_listener_series, summed
+OTHER_PORT = "other"
+
+
+def _urgency(st: ListenerState) -> tuple[float, int, int]:
+    """Listeners nearest trouble first: the fullest queue, then the most
+    drops (counters only grow, so a listener that dropped keeps its series)."""
+    return (st.queue_length / st.backlog if st.backlog else float(st.queue_length > 0),
+            st.overflow_drops, st.drops)
+
+
 class ListenersSource(Source):
     name = "listeners"
+
+    def _ports_with_series(self, piece: Listeners) -> Iterator[tuple[PortKey, str, ListenerState]]:
+        """(key, port label, state): the max_listener_series most urgent
+        listeners under their own port, every other one under its process's
+        port="other", which sums them (or keeps the largest limit). A host
+        with 10,000 listeners would otherwise serve six series for each."""
+        cap = self.cfg.max_listener_series
+        if len(piece.by_port) <= cap:
+            for key, st in piece.by_port.items():
+                yield key, str(key.port), st
+            return
+        ranked = sorted(piece.by_port.items(), key=lambda kv: (tuple(-x for x in _urgency(kv[1])), kv[0].port, kv[0].owner.tgid, kv[0].owner.pstart))
+        for i, (key, st) in enumerate(ranked):
+            yield key, str(key.port) if i < cap else OTHER_PORT, st
 
     def read(self, ctx: ReadContext) -> Listeners:
         by_port: dict[PortKey, ListenerState] = {}
@@ -63,7 +88,7 @@ class ListenersSource(Source):
         return Listeners(by_port, overflow_drops_counted)
 
     def families(self, piece: Listeners, scrape: Scrape) -> Iterator:
-        rows = [(key.owner, (str(key.port),), st) for key, st in piece.by_port.items()]
+        rows = [(key.owner, (port,), st) for key, port, st in self._ports_with_series(piece)]
         yield summed(metrics.LISTEN_QUEUE_LENGTH.family(), owned_rows(rows, scrape, lambda st: st.queue_length))
         yield summed(metrics.LISTEN_BACKLOG.family(), owned_rows(rows, scrape, lambda st: st.backlog))
         yield summed(metrics.LISTEN_DROPS.family(), owned_rows(rows, scrape, lambda st: st.drops))
