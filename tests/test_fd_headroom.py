@@ -14,7 +14,7 @@ from connwatch import fds
 from connwatch.config import Config
 from connwatch.snapshot import Snapshot
 from connwatch.sources.base import Process, ProcessSeries, Scrape
-from connwatch.sources.headroom import Headroom, HeadroomSource, ProcessFds
+from connwatch.sources.headroom import REIDENTIFY_ROUNDS, Headroom, HeadroomSource, ProcessFds
 from connwatch.sources.system import System, SystemSource
 from connwatch.system import read_system
 
@@ -217,3 +217,21 @@ def test_the_fd_census_caches_limits_and_rereads_them_near_the_limit():
         for _ in range(fds.FdCensus.RECHECK_ROUNDS):
             later = {u.pid: u for u in census.read()}
         assert later[far].limit == 500
+
+
+def test_a_reported_process_moved_to_a_container_cgroup_gets_its_label(start_agent):
+    """Who a socket-less process is (comm, container, pod) is cached, and read
+    again every REIDENTIFY_ROUNDS refreshes: a process moved into a Docker
+    scope after it was first reported is relabelled, not stuck at the host."""
+    from test_identity import CgroupSandbox, cgroup2_root
+
+    container = "abddff03dfd7710c79a750ce3e730365cbb2c8247a974170c1062683bc3e9152"
+    agent = start_agent("fd_headroom_processes: 0\n")
+    # the holder exits first: the sandbox removes only empty cgroups
+    with CgroupSandbox(cgroup2_root()) as cg, fd_holder(180, soft_limit=200) as (pid, total):
+        agent.wait_for_value("connwatch_process_open_fds", total, pid=pid, container="")
+        leaf = cg.mkdir(f"system.slice/docker-{container}.scope")
+        (leaf / "cgroup.procs").write_text(str(pid))
+        # 0.1 s refreshes: REIDENTIFY_ROUNDS of them, with a wide margin
+        agent.wait_for_value("connwatch_process_open_fds", total, pid=pid, container=container,
+                             timeout=REIDENTIFY_ROUNDS * 0.1 + 20)

@@ -113,6 +113,8 @@ class FdUse:
     pid: int
     open: int
     limit: int  # soft RLIMIT_NOFILE
+    # the inode of /proc/<pid>/fd: differs for a process that reuses a pid
+    incarnation: int = 0
 
     @property
     def ratio(self) -> float:
@@ -180,6 +182,6 @@ class FdCensus:
                 after = 1 if cached is None else min(2 * cached.reread_after, self.RECHECK_ROUNDS)
                 cached = _CachedLimit(st.st_ino, limit, self._round, after)
             seen[pid] = cached
-            out.append(FdUse(pid, count, cached.limit))
+            out.append(FdUse(pid, count, cached.limit, st.st_ino))
         self._limits = seen  # forget the processes that are gone
         return out

@@ -12,6 +12,8 @@ from .base import Process, ReadContext, Scrape, Source, summed
 
 # every process past this share of its limit is reported, whatever the top-N
 ALWAYS_REPORTED_RATIO = 0.5
+# refreshes between two reads of a reported socket-less process's comm and cgroup
+REIDENTIFY_ROUNDS = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,19 +48,34 @@ class HeadroomSource(Source):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._census = fds.FdCensus()
+        # (pid, incarnation) -> (Process, refresh it was read in): who a
+        # process is, read again every REIDENTIFY_ROUNDS refreshes (a process
+        # can rename itself, or be moved to another cgroup)
+        self._known: dict[tuple[int, int], tuple[Process, int]] = {}
+        self._round = 0
 
     def read(self, ctx: ReadContext) -> Headroom:
         census = sorted(self._census.read(), key=lambda u: (-u.ratio, u.pid))
         owners = {p.pid: p for p in ctx.processes.values()}
         chosen = {u.pid for u in census[: self.cfg.fd_headroom_processes]}
         chosen |= {u.pid for u in census if u.ratio > ALWAYS_REPORTED_RATIO}
+        self._round += 1
         rows = []
+        known = {}
         for use in census:
             if use.pid not in chosen and use.pid not in owners:
                 continue
-            process = owners.get(use.pid) or _identify(use.pid)
-            if process is not None:
-                rows.append(ProcessFds(process, use.open, use.limit))
+            process = owners.get(use.pid)
+            if process is None:
+                key = (use.pid, use.incarnation)
+                process, read_in = self._known.get(key, (None, 0))
+                if process is None or self._round - read_in >= REIDENTIFY_ROUNDS:
+                    process, read_in = _identify(use.pid), self._round
+                    if process is None:
+                        continue  # exited meanwhile
+                known[key] = (process, read_in)
+            rows.append(ProcessFds(process, use.open, use.limit))
+        self._known = known  # forget the processes no longer reported
         return Headroom(tuple(rows), census[0] if census else None)
 
     def families(self, piece: Headroom, scrape: Scrape) -> Iterator:
