@@ -231,6 +231,11 @@ def _scale_rows(r: dict) -> list[Row]:
             rows.append((b, "WARNING: syscall hook armed, not the state measured", lv.get("arm_reason", ""), ""))
         if lv.get("refresh_failure"):
             rows.append((b, "WARNING: the agent's refreshes fail", lv["refresh_failure"], ""))
+        pu = lv.get("port_use_cpu_seconds")
+        if pu:
+            counted = ", ".join(f"{method} {_ms(v)}" for method, v in pu["agent"].items()) or "none yet"
+            rows.append((b, "ephemeral-port count, CPU per recount: agent / sock_diag filtered to the range",
+                         f"{counted} / {_ms(pu['sock_diag_filtered']['median'])}", ""))
         for name, s in lv["baselines"].items():
             rows.append((b, f"baseline: {name} (counts checked equal)", _ms(s["median"]), ""))
         rows.append((b, f"scrape speed-up vs fastest named baseline ({lv['fastest_baseline']})",

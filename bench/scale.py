@@ -278,6 +278,24 @@ def _agent_costs(profile, agent: C.Agent, n_scrapes: int) -> dict:
             "metrics": m}
 
 
+def port_use_costs(metrics, reps: int) -> dict:
+    """Issue 16's two ways to count ephemeral-port use, at this level: the
+    agent's in-kernel count (`iter/tcp`, its own CPU clock around it, from
+    its last recount) and a sock_diag dump filtered in the kernel to the
+    ephemeral range, parsed here (this thread's CPU clock, kernel included)."""
+    from connwatch import system
+
+    agent_cost = {lab["method"]: v for n, lab, v in metrics if n == "connwatch_socket_table_count_cpu_seconds"}
+    port_range = system.read_port_range()
+    times = []
+    for _ in range(reps):
+        t = time.thread_time()
+        found = system.ephemeral_port_use(port_range, prefer="sock_diag")
+        times.append(time.thread_time() - t)
+    return {"agent": agent_cost, "sock_diag_filtered": C.summary(times),
+            "sock_diag_in_use": found[0].in_use if found else None}
+
+
 def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict:
     t0 = time.monotonic()
     holders.grow_to(level)
@@ -320,6 +338,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
         "bpf_map_memory_bytes": mem_total,
         "bpf_map_memory": mem,
         "bpf_map_entries": entries,
+        "port_use_cpu_seconds": port_use_costs(metrics, reps),
         "baselines": baselines,
         "fastest_baseline": fastest,
         "speedup_vs_fastest": named[fastest] / scrape_median,

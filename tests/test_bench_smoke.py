@@ -138,6 +138,11 @@ def test_bench_smoke(tmp_path):
     lv = sc["connections"]["levels"][0]
     assert lv["counts_agree"] and sum(lv["per_process"].values()) == lv["connections"]
     assert lv["scrape_seconds"]["p99"] >= lv["scrape_seconds"]["median"] > 0
+    # both ways of counting ephemeral-port use were timed, and the filtered
+    # dump saw at least the holders' outbound sockets
+    pu = lv["port_use_cpu_seconds"]
+    assert set(pu["agent"]) == {"bpf_iterator"} and pu["agent"]["bpf_iterator"] > 0, pu
+    assert pu["sock_diag_filtered"]["median"] > 0 and pu["sock_diag_in_use"] >= lv["connections"], pu
     assert _finite_positive(lv["idle_cpu_fraction"]) and _finite_positive(lv["snapshot_build_seconds"]["median"])
     assert lv["agent_memory"]["VmRSS"] > 10 * 2**20
     assert lv["bpf_map_memory_bytes"] > 0 and lv["bpf_map_entries"]["procs"] > 0

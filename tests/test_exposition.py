@@ -97,7 +97,7 @@ def snapshot() -> Snapshot:
         ephemeral_port_range=(32768, 60999), ephemeral_ports=28232, ephemeral_ports_in_use=1210,
         port_destinations=(DestinationUse("10.1.0.5:5432", 1000), DestinationUse("[2001:db8::1]:443", 200),
                            DestinationUse("10.1.0.6:6379", 10)),
-        socket_table_source="bpf_iterator", tcp_time_wait=800, tcp_time_wait_limit=262144,
+        socket_table_source="bpf_iterator", socket_table_cpu_seconds=0.0042, tcp_time_wait=800, tcp_time_wait_limit=262144,
         tcp_orphans=3, tcp_orphans_limit=65536, tcp_memory_pages=410,
         tcp_memory_pages_limit=TcpMem(93000, 124000, 186000), somaxconn=4096, tcp_max_syn_backlog=1024,
         listen_overflows=12, listen_drops=14), page_size=4096)

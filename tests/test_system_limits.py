@@ -329,8 +329,12 @@ def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interv
     clients = [socket.create_connection(listener.getsockname()) for _ in range(2000)]
     try:
         if recounted:
-            wait_for(lambda: agent.scrape().value(name) >= in_use + 1000,
-                     what="the new connections in the next socket-table count")
+            m = wait_for(lambda: (m := agent.scrape()).value(name) >= in_use + 1000 and m,
+                         what="the new connections in the next socket-table count")
+            # what the count cost, counted in the kernel
+            (cost,) = m.select("connwatch_socket_table_count_cpu_seconds")
+            assert cost.labels == {"method": "bpf_iterator"}
+            assert 0 < cost.value < 1
         else:
             # several refreshes later the snapshot is newer, the socket-table count is not
             m = agent.scrape_after(before.value("connwatch_snapshot_timestamp_seconds") + 0.3)

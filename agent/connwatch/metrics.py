@@ -294,6 +294,13 @@ EPHEMERAL_PORTS_IN_USE = _gauge(
     details="The top `port_destinations_top_k` destinations (default 10), busiest first; `connect()` to a "
     "destination fails with `EADDRNOTAVAIL` when its count reaches `connwatch_system_ephemeral_ports`. "
     "`destination` is `ip:port`, `[ipv6]:port` for IPv6.")
+SOCKET_TABLE_COUNT_CPU = _gauge(
+    "connwatch_socket_table_count_cpu_seconds",
+    "CPU time the last count of ephemeral-port use took (kernel time included), by how it was counted.",
+    "system", "the refresher thread's CPU clock around the count", ("method",), unit="seconds",
+    details="`method` is `bpf_iterator` (counted in the kernel), `sock_diag` (a dump filtered in the kernel to "
+    "the ephemeral range) or `proc_net_tcp`. It grows with the sockets of the namespace; divided by "
+    "`socket_table_interval_seconds` it is the share of a core the count costs.")
 SYSTEM_TIME_WAIT = _gauge(
     "connwatch_system_tcp_time_wait", "TCP sockets in TIME_WAIT (/proc/net/sockstat tw).",
     "system", "`/proc/net/sockstat` `TCP: … tw`")

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -90,6 +91,7 @@ class SystemLimits:
     port_destinations: tuple[DestinationUse, ...] | None = None
     # where the socket-table numbers came from: "bpf_iterator", "sock_diag" or "proc"
     socket_table_source: str | None = None
+    socket_table_cpu_seconds: float | None = None  # what that count cost
     # /proc/net/sockstat "tw" vs net.ipv4.tcp_max_tw_buckets
     tcp_time_wait: int | None = None
     tcp_time_wait_limit: int | None = None
@@ -422,7 +424,8 @@ def read_port_range() -> tuple[int, int] | None:
     return (values[0], values[1]) if values and len(values) == 2 else None
 
 
-SOCKET_TABLE_FIELDS = ("ephemeral_ports_in_use", "port_destinations", "socket_table_source")
+SOCKET_TABLE_FIELDS = ("ephemeral_ports_in_use", "port_destinations", "socket_table_source",
+                       "socket_table_cpu_seconds")
 
 
 def read_system(with_socket_table: bool = True, previous: SystemLimits | None = None,
@@ -456,6 +459,7 @@ def read_system(with_socket_table: bool = True, previous: SystemLimits | None = 
         fields["ephemeral_port_range"] = port_range
         fields["ephemeral_ports"] = max(hi - lo + 1 - reserved, 0)
         if with_socket_table:
+            started = time.thread_time()
             use = port_use(port_range) if port_use else None
             found = (use, "bpf_iterator") if use is not None else ephemeral_port_use(port_range)
             if found:
@@ -463,6 +467,7 @@ def read_system(with_socket_table: bool = True, previous: SystemLimits | None = 
                 fields["ephemeral_ports_in_use"] = use.in_use
                 fields["port_destinations"] = use.destinations
                 fields["socket_table_source"] = source
+                fields["socket_table_cpu_seconds"] = time.thread_time() - started
 
     sockstat = parse_sockstat(read_text(f"{PROC}/net/sockstat") or "").get("TCP", {})
     fields["tcp_time_wait"] = sockstat.get("tw")

@@ -100,6 +100,10 @@ class SystemSource(Source):
             for use in s.port_destinations[: self.cfg.port_destinations_top_k]:
                 per_destination.add_metric([use.destination], use.sockets)
             yield per_destination
+        if s.socket_table_source is not None and s.socket_table_cpu_seconds is not None:
+            cost = metrics.SOCKET_TABLE_COUNT_CPU.family()
+            cost.add_metric([s.socket_table_source], s.socket_table_cpu_seconds)
+            yield cost
         if s.tcp_memory_pages_limit is not None:
             limit = metrics.SYSTEM_TCP_MEMORY_LIMIT.family()
             for threshold in ("min", "pressure", "max"):
