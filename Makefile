@@ -44,12 +44,13 @@ KERNELS      ?= $(ALL_KERNELS)
 # What `make test-kernels` runs inside each kernel (pytest arguments): the
 # VM's own checks, the per-kernel report behind docs/kernels.md, and the
 # floor issue #11 names: counts (incl. close and connections older than the
-# agent), restart, EMFILE, EADDRNOTAVAIL, listeners in every namespace, fd
+# agent), restart, EMFILE, EADDRNOTAVAIL, listeners in every namespace (and
+# each namespace's port range, TIME_WAIT limit and counts), fd
 # headroom, system limits, per-probe fallback, WebSocket classification and
 # the capabilities kept. Emulated kernels run 10-100x slower than the host:
 # the slowest tests stay on the host (`make test`).
 KERNEL_TESTS ?= tests/kernels/guest_checks.py tests/kernels/kernel_report.py \
-	tests/test_probe_fallback.py tests/test_core.py tests/test_listeners.py \
+	tests/test_probe_fallback.py tests/test_core.py tests/test_listeners.py tests/test_namespaces.py \
 	tests/test_restart.py tests/test_capabilities.py tests/test_system_limits.py \
 	tests/test_fd_headroom.py::test_processes_without_sockets_are_reported_past_half_their_limit \
 	tests/test_websocket.py::test_python_websockets_server tests/test_websocket.py::test_node_ws_server \

@@ -169,6 +169,10 @@ struct cw_listener {
 	__u32 backlog;		/* sk_max_ack_backlog: effective backlog */
 	__u32 drops;		/* sk_drops: SYNs (and more) dropped on this listener */
 	__u32 somaxconn;	/* net.core.somaxconn of the listener's network namespace */
+	/* the same namespace's net.ipv4.ip_local_port_range and tcp_max_tw_buckets */
+	__u16 port_range_low;
+	__u16 port_range_high;
+	__u32 max_tw_buckets;
 };
 
 /* the listen probe saw listen()'s argument (not for listeners that predate the agent) */

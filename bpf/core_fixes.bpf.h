@@ -103,4 +103,59 @@ static __always_inline __u64 fexit_ret(const __u64 *ctx, __u32 nargs)
 	}
 }
 
+/*
+ * net.ipv4.ip_local_port_range of a network namespace. Up to v6.7 it is
+ * `int range[2]` under a seqlock (`struct local_ports` in vmlinux.h); v6.8
+ * made it one u32, high << 16 | low, read with READ_ONCE (d9f28735af87
+ * "Use READ/WRITE_ONCE() for IP local_port_range.", David Laight; in the
+ * kernels' BTF: 5.10 and 6.1 have the pair, 6.12 the u32). Which one
+ * the kernel has is told by the field's type: the u32 flavor's `range`
+ * exists only where it is not an array. The pair is read without the
+ * seqlock: a read racing a sysctl write may see the old low with the new
+ * high, for one refresh.
+ */
+struct local_ports___cw_u32 {
+	__u32 range;
+} __attribute__((preserve_access_index));
+
+static __always_inline void read_local_port_range(struct net *net, __u16 *low, __u16 *high)
+{
+	struct local_ports *ports = &net->ipv4.ip_local_ports;
+
+	if (bpf_core_field_exists(struct local_ports___cw_u32, range)) {
+		__u32 range = BPF_CORE_READ((struct local_ports___cw_u32 *)ports, range);
+
+		*low = range & 0xffff;
+		*high = range >> 16;
+	} else {
+		*low = BPF_CORE_READ(ports, range[0]);
+		*high = BPF_CORE_READ(ports, range[1]);
+	}
+}
+
+/*
+ * net.ipv4.tcp_max_tw_buckets of a network namespace. `tcp_death_row` is
+ * embedded in struct netns_ipv4 on 5.10 and again from v6.1 on, but a
+ * pointer in between: v5.17 moved it out ("tcp: allocate tcp_death_row
+ * outside of struct netns_ipv4", Eric Dumazet, fbb8295248e1), v6.1 moved it
+ * back ("tcp: Don't allocate tcp_death_row outside of struct netns_ipv4.",
+ * Kuniyuki Iwashima, e9bd0cca09d1). None of the matrix's kernels (5.10,
+ * 6.1, 6.12) has the pointer; 5.17 to 6.0 do. The flavor's pointer member exists only
+ * on the kernels in between (a pointer does not match an embedded struct).
+ */
+struct netns_ipv4___cw_tw_ptr {
+	struct inet_timewait_death_row *tcp_death_row;
+} __attribute__((preserve_access_index));
+
+static __always_inline __u32 read_max_tw_buckets(struct net *net)
+{
+	struct netns_ipv4___cw_tw_ptr *moved = (struct netns_ipv4___cw_tw_ptr *)&net->ipv4;
+
+	if (bpf_core_field_exists(struct netns_ipv4___cw_tw_ptr, tcp_death_row))
+		return BPF_CORE_READ(moved, tcp_death_row, sysctl_max_tw_buckets);
+	if (bpf_core_field_exists(net->ipv4.tcp_death_row))
+		return BPF_CORE_READ(net, ipv4.tcp_death_row.sysctl_max_tw_buckets);
+	return 0;
+}
+
 #endif /* CW_CORE_FIXES_BPF_H */

@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 
 #include "connwatch.h"
+#include "core_fixes.bpf.h"
 #include "maps.bpf.h"
 #include "process.bpf.h"
 #include "sock.bpf.h"
@@ -163,8 +164,10 @@ static __always_inline bool accept_queue_full(const struct sock *sk)
 }
 
 /*
- * Refresh a listener's live queue fields, read through its key. The key is
- * the address of a socket that was listening when the entry was made; TCP
+ * Refresh a listener's live queue fields and its network namespace's
+ * limits (somaxconn, the ephemeral port range, tcp_max_tw_buckets), read
+ * through its key. The key is the address of a socket that was listening
+ * when the entry was made; TCP
  * sockets are freed RCU-safely (SLAB_TYPESAFE_BY_RCU) and iterators run
  * under RCU, so the memory is a struct sock even if this one closed a
  * moment ago: the agent uses the entry only if the state read here is
@@ -173,6 +176,7 @@ static __always_inline bool accept_queue_full(const struct sock *sk)
 static __always_inline void refresh_listener(__u64 key, struct cw_listener *l)
 {
 	const struct sock *sk = (const struct sock *)key;
+	struct net *net;
 
 	l->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	if (BPF_CORE_READ(sk, __sk_common.skc_num) != l->lport)
@@ -180,7 +184,10 @@ static __always_inline void refresh_listener(__u64 key, struct cw_listener *l)
 	l->queue_length = BPF_CORE_READ(sk, sk_ack_backlog);
 	l->backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
 	l->drops = BPF_CORE_READ(sk, sk_drops.counter);
-	l->somaxconn = BPF_CORE_READ(sk, __sk_common.skc_net.net, core.sysctl_somaxconn);
+	net = BPF_CORE_READ(sk, __sk_common.skc_net.net);
+	l->somaxconn = BPF_CORE_READ(net, core.sysctl_somaxconn);
+	read_local_port_range(net, &l->port_range_low, &l->port_range_high);
+	l->max_tw_buckets = read_max_tw_buckets(net);
 }
 
 #endif /* CW_LISTENERS_BPF_H */

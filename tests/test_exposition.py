@@ -32,6 +32,7 @@ from connwatch.sources.failures import FdFailureKey, Failures, PortExhaustionKey
 from connwatch.sources.headroom import Headroom, ProcessFds
 from connwatch.fds import FdUse
 from connwatch.sources.listeners import Listeners, ListenerState
+from connwatch.sources.namespaces import Namespaces, NetnsState
 from connwatch.sources.system import System
 from connwatch.system import DestinationUse, SystemLimits, TcpMem
 
@@ -101,6 +102,12 @@ def snapshot() -> Snapshot:
         tcp_orphans=3, tcp_orphans_limit=65536, tcp_memory_pages=410,
         tcp_memory_pages_limit=TcpMem(93000, 124000, 186000), somaxconn=4096, tcp_max_syn_backlog=1024,
         listen_overflows=12, listen_drops=14), page_size=4096)
+    namespaces = Namespaces((
+        # the host's namespace, without conntrack: that series is absent
+        NetnsState(4026531840, "", (32768, 60999), 262144, 800, None),
+        # a pod's own, with a narrower range, a lower TIME_WAIT limit and conntrack
+        NetnsState(4026532301, "3f1e2a4b-0000-4000-8000-000000000001", (20000, 20999), 4096, 7, 12),
+    ))
     bpf = BpfHealth(
         probes={"accept": ProbeState(True, "tracepoint", "tp_btf/inet_sock_set_state (handshake)"),
                 "fd_failures": ProbeState(True, "syscall_hook", "tp_btf/sys_exit"),
@@ -109,7 +116,7 @@ def snapshot() -> Snapshot:
         maps={"socks": MapStats(222, 262144, 0, 20_000_000), "peers": MapStats(65536, 65536, 31, 9_000_000)},
         programs={"sock_state": ProgramStats(1_500_000_000, 3_000_000, 2)})
     pieces = {"agent": None, "connections": connections, "failures": failures, "listeners": listeners,
-              "headroom": headroom, "system": system, "bpf": bpf}
+              "headroom": headroom, "system": system, "namespaces": namespaces, "bpf": bpf}
     reads = {name: SourceRead(0.001 * (i + 1), True) for i, name in enumerate(pieces)}
     reads["failures"] = SourceRead(0.0005, True)
     return Snapshot(ready=True, taken_at=1_767_225_600.0, build_seconds=0.0125, processes=PROCESSES,

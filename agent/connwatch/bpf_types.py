@@ -100,6 +100,7 @@ class Listener(ctypes.Structure):
         ("pstart", u64), ("overflow_drops", u64), ("tgid", u32), ("netns", u32),
         ("backlog_requested", u32), ("flags", u32), ("lport", u16), ("_pad", u16),
         ("state", u32), ("queue_length", u32), ("backlog", u32), ("drops", u32), ("somaxconn", u32),
+        ("port_range_low", u16), ("port_range_high", u16), ("max_tw_buckets", u32),
     ]
 
 

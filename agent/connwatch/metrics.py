@@ -26,7 +26,11 @@ from prometheus_client.metrics_core import Metric as Family
 PROCESS = ("pid", "comm", "container", "pod_uid")
 
 # docs/metrics.md sections, in the order the sources read them
-CONCERNS = ("connections", "failures", "listeners", "headroom", "system", "bpf", "agent")
+CONCERNS = ("connections", "failures", "listeners", "headroom", "system", "namespaces", "bpf", "agent")
+
+# The labels of every per-network-namespace series: the namespace's inode
+# (as `ls -Li /proc/<pid>/ns/net` shows it) and the pod its listeners run in.
+NETNS = ("netns", "pod_uid")
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,35 @@ SYSTEM_LISTEN_DROPS = _counter(
     "Connection attempts dropped at a listener, overflows included (TcpExt ListenDrops).",
     "system", "`/proc/net/netstat` `TcpExt: ListenDrops`")
 
+# ---- network namespaces (BPF, /proc/<pid>/net) ----------------------------------------
+
+_NETNS_DETAILS = ("One series per network namespace holding a live listener the agent tracks (each pod's, the "
+                  "host's); `pod_uid` is that of the listeners' owner (the first non-empty one).")
+NETNS_EPHEMERAL_PORT_RANGE_SIZE = _gauge(
+    "connwatch_netns_ephemeral_port_range_size",
+    "Local ports net.ipv4.ip_local_port_range of the network namespace spans (high - low + 1).",
+    "namespaces", "`net->ipv4.ip_local_ports.range` of a listener's namespace, read by the listener-stats "
+    "iterator", NETNS,
+    details=_NETNS_DETAILS + " Unlike `connwatch_system_ephemeral_ports`, the namespace's "
+    "`ip_local_reserved_ports` are not subtracted.")
+NETNS_TIME_WAIT = _gauge(
+    "connwatch_netns_tcp_time_wait",
+    "TCP sockets in TIME_WAIT in the network namespace (its /proc/net/sockstat tw).",
+    "namespaces", "`/proc/<pid>/net/sockstat` `TCP: … tw` of a listener's owner", NETNS,
+    details=_NETNS_DETAILS)
+NETNS_TIME_WAIT_LIMIT = _gauge(
+    "connwatch_netns_tcp_time_wait_limit",
+    "net.ipv4.tcp_max_tw_buckets of the network namespace: past it, closing sockets skip TIME_WAIT.",
+    "namespaces", "`net->ipv4.tcp_death_row.sysctl_max_tw_buckets` of a listener's namespace, read by the "
+    "listener-stats iterator", NETNS,
+    details=_NETNS_DETAILS)
+NETNS_CONNTRACK_ENTRIES = _gauge(
+    "connwatch_netns_conntrack_entries",
+    "Connection-tracking entries of the network namespace.",
+    "namespaces", "`entries` of `/proc/<pid>/net/stat/nf_conntrack` of a listener's owner", NETNS,
+    details=_NETNS_DETAILS + " Absent while `nf_conntrack` is not loaded. The kernel holds each namespace's "
+    "count against the global `nf_conntrack_max` (`connwatch_system_conntrack_entries_limit`).")
+
 # ---- BPF ------------------------------------------------------------------------
 
 PROBE_ENABLED = _gauge(
@@ -417,7 +450,8 @@ SNAPSHOT_SOURCE_DURATION = _gauge(
     "connwatch_snapshot_source_duration_seconds",
     "How long each source took to read its part of the served snapshot.",
     "agent", "the refresher", ("source",), unit="seconds",
-    details="Sources: `connections`, `failures`, `listeners`, `headroom`, `system`, `bpf`, `agent` "
+    details="Sources: `connections`, `failures`, `listeners`, `headroom`, `system`, `namespaces`, `bpf`, "
+    "`agent` "
     "(node_exporter's `node_scrape_collector_duration_seconds`, but measured where connwatch does its "
     "I/O: in the background refresh, not in the scrape).")
 SNAPSHOT_SOURCE_SUCCESS = _gauge(

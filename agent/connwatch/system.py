@@ -155,6 +155,19 @@ def parse_sockstat(text: str) -> dict[str, dict[str, int]]:
     return out
 
 
+def parse_conntrack_stat(text: str) -> int | None:
+    """/proc/net/stat/nf_conntrack: a header line, then one line of hex
+    counters per CPU; `entries` is the namespace's table count, the same on
+    every line."""
+    lines = text.splitlines()
+    if len(lines) < 2:
+        return None
+    try:
+        return int(lines[1].split()[lines[0].split().index("entries")], 16)
+    except (ValueError, IndexError):
+        return None
+
+
 def parse_netstat(text: str) -> dict[str, dict[str, int]]:
     """/proc/net/netstat and /proc/net/snmp: header line, value line, per prefix."""
     out: dict[str, dict[str, int]] = {}

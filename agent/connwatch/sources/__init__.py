@@ -12,9 +12,10 @@ from .connections import ConnectionsSource
 from .failures import FailuresSource
 from .headroom import HeadroomSource
 from .listeners import ListenersSource
+from .namespaces import NamespacesSource
 from .system import SystemSource
 
 
 def default_sources(cfg: Config, **agent_info) -> list[Source]:
     return [AgentSource(cfg, **agent_info), ConnectionsSource(cfg), FailuresSource(cfg), ListenersSource(cfg),
-            HeadroomSource(cfg), SystemSource(cfg), BpfSource(cfg)]
+            HeadroomSource(cfg), SystemSource(cfg), NamespacesSource(cfg), BpfSource(cfg)]

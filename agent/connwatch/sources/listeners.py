@@ -23,6 +23,10 @@ class ListenerState:
     overflow_drops: int
     somaxconn: int  # of the listener's network namespace
     requested: int | None  # None: listen()'s argument was not seen
+    # the listener's network namespace (inode) and its limits, for the namespaces source
+    netns: int = 0
+    port_range: tuple[int, int] | None = None  # net.ipv4.ip_local_port_range; None: not read
+    max_tw_buckets: int | None = None  # net.ipv4.tcp_max_tw_buckets
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,9 @@ class ListenersSource(Source):
                 somaxconn=l.somaxconn,
                 requested=requested if prev is None or prev.requested is None else max(
                     prev.requested, requested or 0),
+                netns=l.netns,
+                port_range=(l.port_range_low, l.port_range_high) if l.port_range_high else None,
+                max_tw_buckets=l.max_tw_buckets,
             )
         return Listeners(by_port, overflow_drops_counted)
 

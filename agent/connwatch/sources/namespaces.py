@@ -1,0 +1,98 @@
+"""Limits and usage per network namespace, for every namespace that holds a
+tracked listener (each pod with its own network, the host): its ephemeral
+port range and tcp_max_tw_buckets, read from its `struct net` by the
+listener-stats iterator (the listeners piece carries them), and its
+TIME_WAIT and conntrack counts, read from /proc/<pid>/net of a live owner
+of one of its listeners (/proc/<pid>/net shows that process's namespace,
+readable without entering it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from .. import metrics
+from ..system import PROC, parse_conntrack_stat, parse_sockstat, read_text
+from .base import ReadContext, Scrape, Source
+from .listeners import Listeners
+
+
+@dataclass(frozen=True, slots=True)
+class NetnsState:
+    netns: int  # inode
+    pod_uid: str
+    port_range: tuple[int, int] | None
+    time_wait_limit: int | None
+    time_wait: int | None  # None: no owner's /proc/<pid>/net was readable
+    conntrack_entries: int | None  # None: nf_conntrack is not loaded
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Values of metrics.NETNS, in its order."""
+        return str(self.netns), self.pod_uid
+
+
+@dataclass(frozen=True)
+class Namespaces:
+    by_netns: tuple[NetnsState, ...]
+
+
+class NamespacesSource(Source):
+    name = "namespaces"
+    needs_identities = True  # live owners only, and their pod
+
+    def read(self, ctx: ReadContext) -> Namespaces:
+        listeners: Listeners | None = ctx.pieces.get("listeners")
+        if listeners is None:  # its read failed: nothing to say per namespace either
+            return Namespaces(())
+        # netns -> its listeners' live owners, lowest pid first, and one listener's state
+        owners: dict[int, list] = {}
+        state = {}
+        for key, st in sorted(listeners.by_port.items(), key=lambda kv: (kv[0].owner.tgid, kv[0].port)):
+            if not st.netns or key.owner not in ctx.processes:
+                continue
+            owners.setdefault(st.netns, [])
+            if key.owner not in owners[st.netns]:
+                owners[st.netns].append(key.owner)
+            state.setdefault(st.netns, st)
+        out = []
+        for netns, held_by in sorted(owners.items()):
+            processes = [ctx.processes[o] for o in held_by]
+            time_wait = conntrack = None
+            for p in processes:  # the first whose /proc/<pid>/net is still there
+                sockstat = read_text(f"{PROC}/{p.pid}/net/sockstat")
+                if sockstat is None:
+                    continue
+                time_wait = parse_sockstat(sockstat).get("TCP", {}).get("tw")
+                conntrack_stat = read_text(f"{PROC}/{p.pid}/net/stat/nf_conntrack")
+                conntrack = None if conntrack_stat is None else parse_conntrack_stat(conntrack_stat)
+                break
+            st = state[netns]
+            out.append(NetnsState(
+                netns=netns,
+                pod_uid=next((p.pod_uid for p in processes if p.pod_uid), ""),
+                port_range=st.port_range,
+                time_wait_limit=st.max_tw_buckets,
+                time_wait=time_wait,
+                conntrack_entries=conntrack,
+            ))
+        return Namespaces(tuple(out))
+
+    def families(self, piece: Namespaces, scrape: Scrape) -> Iterator:
+        """One series per namespace (not folded past max_process_series: the
+        namespace, not the process, is what they describe); a value that
+        could not be read is left out, as for the system metrics."""
+        columns = (
+            (metrics.NETNS_EPHEMERAL_PORT_RANGE_SIZE,
+             lambda n: None if n.port_range is None else n.port_range[1] - n.port_range[0] + 1),
+            (metrics.NETNS_TIME_WAIT, lambda n: n.time_wait),
+            (metrics.NETNS_TIME_WAIT_LIMIT, lambda n: n.time_wait_limit),
+            (metrics.NETNS_CONNTRACK_ENTRIES, lambda n: n.conntrack_entries),
+        )
+        for metric, value in columns:
+            rows = [(n.labels, value(n)) for n in piece.by_netns if value(n) is not None]
+            if rows:
+                family = metric.family()
+                for labels, v in rows:
+                    family.add_metric(list(labels), v)
+                yield family
