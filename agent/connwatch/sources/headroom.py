@@ -12,7 +12,8 @@ from .base import Process, ReadContext, Scrape, Source, summed
 
 # every process past this share of its limit is reported, whatever the top-N
 ALWAYS_REPORTED_RATIO = 0.5
-# refreshes between two reads of a reported socket-less process's comm and cgroup
+# at most this many refreshes between two reads of a reported socket-less
+# process's comm and cgroup
 REIDENTIFY_ROUNDS = 30
 
 
@@ -48,10 +49,11 @@ class HeadroomSource(Source):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._census = fds.FdCensus()
-        # (pid, incarnation) -> (Process, refresh it was read in): who a
-        # process is, read again every REIDENTIFY_ROUNDS refreshes (a process
-        # can rename itself, or be moved to another cgroup)
-        self._known: dict[tuple[int, int], tuple[Process, int]] = {}
+        # (pid, incarnation) -> (Process, refresh it was read in, refreshes
+        # until it is read again): a process can rename itself or be moved to
+        # another cgroup, mostly as it starts, so a new one is read again at
+        # the next refresh, then after 2, 4, 8 ... up to REIDENTIFY_ROUNDS
+        self._known: dict[tuple[int, int], tuple[Process, int, int]] = {}
         self._round = 0
 
     def read(self, ctx: ReadContext) -> Headroom:
@@ -68,12 +70,13 @@ class HeadroomSource(Source):
             process = owners.get(use.pid)
             if process is None:
                 key = (use.pid, use.incarnation)
-                process, read_in = self._known.get(key, (None, 0))
-                if process is None or self._round - read_in >= REIDENTIFY_ROUNDS:
+                process, read_in, after = self._known.get(key, (None, 0, 0))
+                if process is None or self._round - read_in >= after:
+                    after = min(2 * after, REIDENTIFY_ROUNDS) if process else 1
                     process, read_in = _identify(use.pid), self._round
                     if process is None:
                         continue  # exited meanwhile
-                known[key] = (process, read_in)
+                known[key] = (process, read_in, after)
             rows.append(ProcessFds(process, use.open, use.limit))
         self._known = known  # forget the processes no longer reported
         return Headroom(tuple(rows), census[0] if census else None)
