@@ -78,6 +78,7 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
     listener_somaxconn = f'max({m.LISTEN_SOMAXCONN}{{instance="%s",pid="%s",port="%s"}})'
 
     I = '{instance="%s"}'
+    NS = '{instance="%s",netns="%s"}'
     IPP = '{instance="%s",pid="%s",port="%s"}'
     IPEER = '{instance="%s",port="%s",peer="%s"}'
     IPORT = '{instance="%s",port="%s"}'
@@ -240,6 +241,20 @@ def alerts(p: Params = DEFAULT) -> list[Alert]:
             f"{{{{ $value | humanizePercentage }}}} of ip_local_port_range "
             f"({q(m.SYSTEM_EPHEMERAL_PORTS + I, 'instance')} ports; alert above "
             f"{pct(p.ephemeral_ports)}). When they run out, connect() fails with EADDRNOTAVAIL."),
+        Alert(
+            "ConnwatchNamespaceEphemeralPortsFilling", "ephemeral-ports-filling", "warning",
+            f"{m.NETNS_EPHEMERAL_IN_USE_MAX_DEST}\n  / on(instance, job, netns, pod_uid)\n"
+            f"({m.NETNS_EPHEMERAL_PORT_RANGE_SIZE} > 0)\n> {p.ephemeral_ports:g}",
+            p.ephemeral_ports_for,
+            "Network namespace {{ $labels.netns }}{{ if $labels.pod_uid }} (pod {{ $labels.pod_uid }}){{ end }} "
+            "on {{ $labels.instance }} uses {{ $value | humanizePercentage }} of its ephemeral ports towards "
+            "one destination.",
+            f"The busiest destination of network namespace {{{{ $labels.netns }}}}"
+            f"{{{{ if $labels.pod_uid }}}} (pod {{{{ $labels.pod_uid }}}}){{{{ end }}}} on {{{{ $labels.instance }}}} "
+            f"holds {q(m.NETNS_EPHEMERAL_IN_USE_MAX_DEST + NS, 'instance', 'netns')} local ports, "
+            f"{{{{ $value | humanizePercentage }}}} of that namespace's ip_local_port_range "
+            f"({q(m.NETNS_EPHEMERAL_PORT_RANGE_SIZE + NS, 'instance', 'netns')} ports; alert above "
+            f"{pct(p.ephemeral_ports)}). When they run out, connect() in that pod fails with EADDRNOTAVAIL."),
         Alert(
             "ConnwatchTimeWaitHigh", "time-wait-high", "warning",
             f"{m.SYSTEM_TIME_WAIT} / ({m.SYSTEM_TIME_WAIT_LIMIT} > 0) > {p.time_wait:g}",

@@ -35,6 +35,21 @@ def build(p: Params = DEFAULT):
                 "{{instance}} TCP memory / tcp_mem pressure")],
         "percentunit", thresholds=usage_thresholds(p.system_open_files, p.system_critical), max_=1), w=24, h=9)
 
+    lay.row("Per network namespace (pods)")
+    lay.add(bargauge(
+        "Usage of each namespace's own limits",
+        "For every network namespace holding a listener (each pod with its own network): ports towards its "
+        "busiest destination against its own ip_local_port_range (other than the agent's namespace, which is "
+        "the host row above), and TIME_WAIT against its own tcp_max_tw_buckets. "
+        f"The ports alert fires at {p.ephemeral_ports:.0%}; pod_uid joins kube_pod_info (docs/kubernetes.md).",
+        [target(f"{sel(m.NETNS_EPHEMERAL_IN_USE_MAX_DEST, INSTANCE)} / on(instance, job, netns, pod_uid) "
+                f"({sel(m.NETNS_EPHEMERAL_PORT_RANGE_SIZE, INSTANCE)} > 0)",
+                "{{instance}} netns {{netns}} {{pod_uid}}: ports to busiest destination / its range"),
+         target(f"{sel(m.NETNS_TIME_WAIT, INSTANCE)} / on(instance, job, netns, pod_uid) "
+                f"({sel(m.NETNS_TIME_WAIT_LIMIT, INSTANCE)} > 0)",
+                "{{instance}} netns {{netns}} {{pod_uid}}: TIME_WAIT / its tcp_max_tw_buckets")],
+        "percentunit", thresholds=usage_thresholds(p.ephemeral_ports, p.system_critical), max_=1), w=24, h=9)
+
     lay.row("File handles")
     lay.add(timeseries(
         "Open files vs fs.file-max", "Allocated file handles (file-nr) against fs.file-max (dashed).",

@@ -153,7 +153,7 @@ subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
 with open("/proc/sys/net/ipv4/ip_local_port_range", "w") as f:
     f.write("40000 40001")
 listener = socket.socket()
-listener.bind(("127.0.0.1", 0))
+listener.bind(("127.0.0.1", 50000))  # outside the range: both its ports are the clients'
 listener.listen(16)
 held, failures = [], 0
 for _ in range(8):
@@ -278,7 +278,10 @@ class Agent:
         cfg = tmp / "connwatch.yml"
         # the dashboards show EMFILE, port exhaustion and listen()'s backlog from
         # the start: where only the syscall hook sees them, it stays attached
-        text = "refresh_interval_seconds: 0.2\nsyscall_tracing: always\n"
+        # and the socket table is recounted every second, not every 10 s: the
+        # port panels and alerts see this test's connections, not the empty
+        # host the agent first counted
+        text = "refresh_interval_seconds: 0.2\nsyscall_tracing: always\nsocket_table_interval_seconds: 1\n"
         if os.environ.get("CONNWATCH_E2E_BPF_OBJECT"):  # e.g. an object built from another tree
             text += f"bpf_object: {os.environ['CONNWATCH_E2E_BPF_OBJECT']}\n"
         cfg.write_text(text)
@@ -568,6 +571,19 @@ def test_fd_usage_alert_fires_for_a_process_without_sockets(e2e):
     assert alert["labels"]["comm"] == SOCKETLESS_COMM
     assert float(alert["value"]) == pytest.approx(FD_HOLD / FD_LIMIT, abs=0.001)
     assert f"of {FD_LIMIT} (alert above 80%)" in alert["annotations"]["description"]
+
+
+def test_namespace_ephemeral_ports_alert_names_the_namespace(e2e):
+    """The exhauster's own namespace: a range of 2 ports, both held towards
+    its listener (100 %); the host's namespace is not in this alert."""
+    netns = str(os.stat(f"/proc/{e2e['exhauster'].pid}/ns/net").st_ino)
+    alert = poll(lambda: firing(e2e["prom"], "ConnwatchNamespaceEphemeralPortsFilling", netns=netns),
+                 60, "ConnwatchNamespaceEphemeralPortsFilling firing")[0]
+    assert float(alert["value"]) == 1
+    assert ("holds 2 local ports, 100% of that namespace's ip_local_port_range (2 ports; alert above 80%)"
+            in alert["annotations"]["description"])
+    host = str(os.stat("/proc/self/ns/net").st_ino)
+    assert not firing(e2e["prom"], "ConnwatchNamespaceEphemeralPortsFilling", netns=host)
 
 
 def test_agent_is_up_and_not_alerting_about_itself(e2e):

@@ -34,7 +34,7 @@ from connwatch.fds import FdUse
 from connwatch.sources.listeners import Listeners, ListenerState
 from connwatch.sources.namespaces import Namespaces, NetnsState
 from connwatch.sources.system import System
-from connwatch.system import DestinationUse, SystemLimits, TcpMem
+from connwatch.system import DestinationUse, PortUse, SystemLimits, TcpMem
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "metrics.txt"
 
@@ -106,7 +106,8 @@ def snapshot() -> Snapshot:
         # the host's namespace, without conntrack: that series is absent
         NetnsState(4026531840, "", (32768, 60999), 262144, 800, None),
         # a pod's own, with a narrower range, a lower TIME_WAIT limit and conntrack
-        NetnsState(4026532301, "3f1e2a4b-0000-4000-8000-000000000001", (20000, 20999), 4096, 7, 12),
+        NetnsState(4026532301, "3f1e2a4b-0000-4000-8000-000000000001", (20000, 20999), 4096, 7, 12,
+                   PortUse(640, (DestinationUse("10.96.0.10:53", 600), DestinationUse("10.1.0.5:5432", 40)))),
     ))
     bpf = BpfHealth(
         probes={"accept": ProbeState(True, "tracepoint", "tp_btf/inet_sock_set_state (handshake)"),

@@ -45,7 +45,7 @@ def track_connections(ns: str) -> bool:
 
 def test_each_namespace_reports_its_own_limits_and_counts(agent):
     with ExitStack() as stack:
-        servers, inode, names = {}, {}, {}
+        servers, inode, names, ports = {}, {}, {}, {}
         # conntrack is global (built in, or a module loaded by the first
         # namespace that needs it): absent in one namespace, absent in all
         conntrack_loaded = Path("/proc/self/net/stat/nf_conntrack").exists()
@@ -57,7 +57,9 @@ def test_each_namespace_reports_its_own_limits_and_counts(agent):
                 sysctl(ns, "net.ipv4.tcp_max_tw_buckets", str(tw_limit))
                 names[pod] = ns
                 servers[pod] = srv = in_netns(ns, str(SERVERS / "hold_server.py"))
-                assert srv.stdout.readline().startswith("ready ")
+                ready = srv.stdout.readline().split()
+                assert ready[0] == "ready", ready
+                ports[pod] = int(ready[1])
             if not conntrack_loaded:
                 # not loaded (the VMs' modular kernels, until the rule below): absent, not 0
                 for pod in PODS:
@@ -84,6 +86,13 @@ def test_each_namespace_reports_its_own_limits_and_counts(agent):
                 owner = m.select("connwatch_listen_backlog", pid=servers[pod].pid)
                 assert len(series) == 1 and owner
                 assert series[0].labels["pod_uid"] == owner[0].labels["pod_uid"]
+                # the clients' closed halves hold their local ports in TIME_WAIT:
+                # n ports of the namespace's own range, towards its listener
+                use = agent.wait_for_value("connwatch_netns_ephemeral_ports_in_use", time_wait, timeout=40, **labels)
+                assert use.value("connwatch_netns_ephemeral_ports_in_use_max_destination", **labels) == time_wait
+                by_destination = {x.labels["destination"]: x.value for x in
+                                  use.select("connwatch_netns_ephemeral_ports_in_use_by_destination", **labels)}
+                assert by_destination == ({f"127.0.0.1:{ports[pod]}": time_wait} if time_wait else {})
                 if tracked:
                     # every connection made after the rule: one entry each
                     assert m.value("connwatch_netns_conntrack_entries", **labels) == (n if pod == "pod-a" else 0)
@@ -104,6 +113,11 @@ def test_the_host_namespace_reports_the_host_values(agent):
     # other tests churn connections: poll for a snapshot whose two reads agree
     wait_for(lambda: (s := agent.scrape()).value("connwatch_netns_tcp_time_wait", netns=host)
              == s.value("connwatch_system_tcp_time_wait"), what="the host's TIME_WAIT count in both series")
+    # its port use is connwatch_system_ephemeral_*, counted in the kernel, only
+    assert m.value("connwatch_system_ephemeral_ports_in_use") is not None
+    for name in ("connwatch_netns_ephemeral_ports_in_use", "connwatch_netns_ephemeral_ports_in_use_max_destination",
+                 "connwatch_netns_ephemeral_ports_in_use_by_destination"):
+        assert m.select(name, netns=host) == [], name
     conntrack = m.value("connwatch_system_conntrack_entries")
     if conntrack is None:
         assert m.select("connwatch_netns_conntrack_entries", netns=host) == []

@@ -303,7 +303,7 @@ SOCKET_TABLE_COUNT_CPU = _gauge(
     "CPU time the last count of ephemeral-port use took (kernel time included), by how it was counted.",
     "system", "the refresher thread's CPU clock around the count", ("method",), unit="seconds",
     details="`method` is `bpf_iterator` (counted in the kernel), `sock_diag` (a dump filtered in the kernel to "
-    "the ephemeral range) or `proc_net_tcp`. It grows with the sockets of the namespace; divided by "
+    "the ephemeral range) or `proc` (`/proc/net/tcp{,6}`). It grows with the sockets of the namespace; divided by "
     "`socket_table_interval_seconds` it is the share of a core the count costs.")
 SYSTEM_TIME_WAIT = _gauge(
     "connwatch_system_tcp_time_wait", "TCP sockets in TIME_WAIT (/proc/net/sockstat tw).",
@@ -375,6 +375,30 @@ NETNS_TIME_WAIT_LIMIT = _gauge(
     "namespaces", "`net->ipv4.tcp_death_row.sysctl_max_tw_buckets` of a listener's namespace, read by the "
     "listener-stats iterator", NETNS,
     details=_NETNS_DETAILS)
+NETNS_EPHEMERAL_IN_USE = _gauge(
+    "connwatch_netns_ephemeral_ports_in_use",
+    "Distinct local ports in the namespace's ephemeral range held by its outbound TCP sockets (TIME_WAIT "
+    "included).",
+    "namespaces", "`/proc/<pid>/net/tcp{,6}` of a listener's owner, at most every "
+    "`socket_table_interval_seconds`", NETNS,
+    details=_NETNS_DETAILS + " Not for the agent's own namespace: that is "
+    "`connwatch_system_ephemeral_ports_in_use`, counted in the kernel. Another namespace's sockets can only "
+    "be listed as text without entering it "
+    "(which takes `CAP_SYS_ADMIN`), so its count costs about 1 µs per socket of that namespace each "
+    "recount.")
+NETNS_EPHEMERAL_IN_USE_MAX_DEST = _gauge(
+    "connwatch_netns_ephemeral_ports_in_use_max_destination",
+    "Local ports held by the namespace's outbound TCP sockets to its busiest single destination (remote "
+    "ip:port); connect() there fails with EADDRNOTAVAIL when this reaches the namespace's range.",
+    "namespaces", "same count, grouped by remote ip:port", NETNS,
+    details=_NETNS_DETAILS + " Compare with `connwatch_netns_ephemeral_port_range_size`.")
+NETNS_EPHEMERAL_IN_USE_BY_DEST = _gauge(
+    "connwatch_netns_ephemeral_ports_in_use_by_destination",
+    "Local ports held by the namespace's outbound TCP sockets towards one destination (remote ip:port), for "
+    "its busiest destinations.",
+    "namespaces", "same count, per remote ip:port", (*NETNS, "destination"),
+    details="The top `port_destinations_top_k` destinations of each namespace, busiest first; `destination` "
+    "as in `connwatch_ephemeral_ports_in_use`.")
 NETNS_CONNTRACK_ENTRIES = _gauge(
     "connwatch_netns_conntrack_entries",
     "Connection-tracking entries of the network namespace.",

@@ -331,10 +331,11 @@ def _proc_addr(hexaddr: str) -> tuple[int, bytes]:
 _LITTLE = struct.pack("=I", 1) == struct.pack("<I", 1)
 
 
-def _proc_net_tcp_raw(states_mask: int) -> Iterator[tuple[int, int, int, int, bytes, bytes, int | None, int | None, int]]:
+def _proc_net_tcp_raw(states_mask: int, proc_net: str = f"{PROC}/net"
+                      ) -> Iterator[tuple[int, int, int, int, bytes, bytes, int | None, int | None, int]]:
     for name in ("tcp", "tcp6"):
         try:
-            f = open(f"{PROC}/net/{name}", encoding="ascii")
+            f = open(f"{proc_net}/{name}", encoding="ascii")
         except OSError:
             continue
         with f:
@@ -367,14 +368,15 @@ def tcp_sockets(states: set[int] | frozenset[int], prefer: str = "sock_diag") ->
             for fam, st, sp, dp, src, dst, rq, wq, ino in rows], source
 
 
-def _raw_sockets(mask: int, prefer: str, sport_range: tuple[int, int] | None = None) -> tuple[list, str]:
+def _raw_sockets(mask: int, prefer: str, sport_range: tuple[int, int] | None = None,
+                 proc_net: str = f"{PROC}/net") -> tuple[list, str]:
     if prefer == "sock_diag":
         try:
             rows = [r for fam in (socket.AF_INET, socket.AF_INET6) for r in _sock_diag_raw(fam, mask, sport_range)]
             return rows, "sock_diag"
         except OSError:
             pass
-    rows = list(_proc_net_tcp_raw(mask))
+    rows = list(_proc_net_tcp_raw(mask, proc_net))
     if sport_range is not None:
         rows = [r for r in rows if sport_range[0] <= r[2] <= sport_range[1]]
     return rows, "proc"
@@ -394,9 +396,12 @@ class PortUse:
         return self.destinations[0] if self.destinations else (None, 0)
 
 
-def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag") -> tuple[PortUse, str] | None:
+def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag",
+                       proc_net: str = f"{PROC}/net") -> tuple[PortUse, str] | None:
     """Local ports in `port_range` held by outbound TCP sockets, from a dump of
     the socket table (the agent counts them in the kernel where it can).
+    proc_net names the /proc/<pid>/net of another network namespace for the
+    /proc/net/tcp{,6} text dump (prefer="proc"): sock_diag sees only ours.
 
     "Outbound" = not a listener and not accepted from a local listener: an
     accepted socket's local port is its listener's port, so sockets whose
@@ -406,7 +411,7 @@ def ephemeral_port_use(port_range: tuple[int, int], prefer: str = "sock_diag") -
     try:
         # listeners outside the range do not matter: their accepted sockets'
         # local ports are outside it too
-        rows, source = _raw_sockets(_states_mask(PORT_HOLDING_STATES | {TCP_LISTEN}), prefer, port_range)
+        rows, source = _raw_sockets(_states_mask(PORT_HOLDING_STATES | {TCP_LISTEN}), prefer, port_range, proc_net)
     except (OSError, ValueError, struct.error):  # unreadable or unparsable: no numbers, no crash
         return None
     listening = {r[2] for r in rows if r[1] == TCP_LISTEN}

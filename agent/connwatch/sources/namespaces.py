@@ -4,17 +4,29 @@ port range and tcp_max_tw_buckets, read from its `struct net` by the
 listener-stats iterator (the listeners piece carries them), and its
 TIME_WAIT and conntrack counts, read from /proc/<pid>/net of a live owner
 of one of its listeners (/proc/<pid>/net shows that process's namespace,
-readable without entering it)."""
+readable without entering it); and, for every namespace but the agent's own
+(whose connwatch_system_ephemeral_* series the kernel counts), its
+ephemeral-port use per destination from that /proc/<pid>/net/tcp{,6}, at
+most every socket_table_interval_seconds."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .. import metrics
-from ..system import PROC, parse_conntrack_stat, parse_sockstat, read_text
+from ..system import PROC, PortUse, ephemeral_port_use, parse_conntrack_stat, parse_sockstat, read_text
 from .base import ReadContext, Scrape, Source
 from .listeners import Listeners
+
+
+def own_netns() -> int:
+    try:
+        return os.stat(f"{PROC}/self/ns/net").st_ino
+    except OSError:
+        return 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +37,7 @@ class NetnsState:
     time_wait_limit: int | None
     time_wait: int | None  # None: no owner's /proc/<pid>/net was readable
     conntrack_entries: int | None  # None: nf_conntrack is not loaded
+    port_use: PortUse | None = None  # None: not counted (yet)
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -41,6 +54,23 @@ class NamespacesSource(Source):
     name = "namespaces"
     needs_identities = True  # live owners only, and their pod
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._own_netns = own_netns()
+        # netns -> (monotonic time of its last count, the count)
+        self._port_use: dict[int, tuple[float, PortUse | None]] = {}
+
+    def _count_port_use(self, netns: int, pid: int,
+                        port_range: tuple[int, int] | None, now: float) -> PortUse | None:
+        if netns == self._own_netns:
+            return None  # the connwatch_system_ephemeral_* series: one count, one alert
+        counted_at, use = self._port_use.get(netns, (float("-inf"), None))
+        if port_range is not None and now - counted_at >= self.cfg.socket_table_interval_seconds:
+            found = ephemeral_port_use(port_range, prefer="proc", proc_net=f"{PROC}/{pid}/net")
+            counted_at, use = now, found[0] if found else None
+        self._port_use[netns] = (counted_at, use)
+        return use
+
     def read(self, ctx: ReadContext) -> Namespaces:
         listeners: Listeners | None = ctx.pieces.get("listeners")
         if listeners is None:  # its read failed: nothing to say per namespace either
@@ -56,9 +86,11 @@ class NamespacesSource(Source):
                 owners[st.netns].append(key.owner)
             state.setdefault(st.netns, st)
         out = []
+        now = time.monotonic()
         for netns, held_by in sorted(owners.items()):
             processes = [ctx.processes[o] for o in held_by]
-            time_wait = conntrack = None
+            st = state[netns]
+            time_wait = conntrack = port_use = None
             for p in processes:  # the first whose /proc/<pid>/net is still there
                 sockstat = read_text(f"{PROC}/{p.pid}/net/sockstat")
                 if sockstat is None:
@@ -66,8 +98,8 @@ class NamespacesSource(Source):
                 time_wait = parse_sockstat(sockstat).get("TCP", {}).get("tw")
                 conntrack_stat = read_text(f"{PROC}/{p.pid}/net/stat/nf_conntrack")
                 conntrack = None if conntrack_stat is None else parse_conntrack_stat(conntrack_stat)
+                port_use = self._count_port_use(netns, p.pid, st.port_range, now)
                 break
-            st = state[netns]
             out.append(NetnsState(
                 netns=netns,
                 pod_uid=next((p.pod_uid for p in processes if p.pod_uid), ""),
@@ -75,7 +107,9 @@ class NamespacesSource(Source):
                 time_wait_limit=st.max_tw_buckets,
                 time_wait=time_wait,
                 conntrack_entries=conntrack,
+                port_use=port_use,
             ))
+        self._port_use = {n: c for n, c in self._port_use.items() if n in owners}  # forget those gone
         return Namespaces(tuple(out))
 
     def families(self, piece: Namespaces, scrape: Scrape) -> Iterator:
@@ -88,6 +122,8 @@ class NamespacesSource(Source):
             (metrics.NETNS_TIME_WAIT, lambda n: n.time_wait),
             (metrics.NETNS_TIME_WAIT_LIMIT, lambda n: n.time_wait_limit),
             (metrics.NETNS_CONNTRACK_ENTRIES, lambda n: n.conntrack_entries),
+            (metrics.NETNS_EPHEMERAL_IN_USE, lambda n: None if n.port_use is None else n.port_use.in_use),
+            (metrics.NETNS_EPHEMERAL_IN_USE_MAX_DEST, lambda n: None if n.port_use is None else n.port_use.busiest[1]),
         )
         for metric, value in columns:
             rows = [(n.labels, value(n)) for n in piece.by_netns if value(n) is not None]
@@ -96,3 +132,10 @@ class NamespacesSource(Source):
                 for labels, v in rows:
                     family.add_metric(list(labels), v)
                 yield family
+        by_destination = [(n.labels, use) for n in piece.by_netns if n.port_use is not None
+                          for use in n.port_use.destinations[: self.cfg.port_destinations_top_k]]
+        if by_destination:
+            family = metrics.NETNS_EPHEMERAL_IN_USE_BY_DEST.family()
+            for labels, use in by_destination:
+                family.add_metric([*labels, use.destination], use.sockets)
+            yield family
