@@ -281,7 +281,8 @@ class Agent:
         # and the socket table is recounted every second, not every 10 s: the
         # port panels and alerts see this test's connections, not the empty
         # host the agent first counted
-        text = "refresh_interval_seconds: 0.2\nsyscall_tracing: always\nsocket_table_interval_seconds: 1\n"
+        text = ("refresh_interval_seconds: 0.2\nsyscall_tracing: always\n"
+                "socket_table_interval_seconds: 1\nsocket_table_idle_interval_seconds: 1\n")
         if os.environ.get("CONNWATCH_E2E_BPF_OBJECT"):  # e.g. an object built from another tree
             text += f"bpf_object: {os.environ['CONNWATCH_E2E_BPF_OBJECT']}\n"
         cfg.write_text(text)

@@ -43,7 +43,9 @@ def track_connections(ns: str) -> bool:
     return r.returncode == 0
 
 
-def test_each_namespace_reports_its_own_limits_and_counts(agent):
+def test_each_namespace_reports_its_own_limits_and_counts(start_agent):
+    # every refresh recounts the namespaces' ports, near their ranges or not
+    agent = start_agent("socket_table_interval_seconds: 0.1\nsocket_table_idle_interval_seconds: 0.1\n")
     with ExitStack() as stack:
         servers, inode, names, ports = {}, {}, {}, {}
         # conntrack is global (built in, or a module loaded by the first
@@ -124,3 +126,44 @@ def test_the_host_namespace_reports_the_host_values(agent):
     else:
         wait_for(lambda: (s := agent.scrape()).value("connwatch_netns_conntrack_entries", netns=host)
                  == s.value("connwatch_system_conntrack_entries"), what="the host's conntrack count in both series")
+
+
+def hold_clients(ns: str, port: int, n: int):
+    cli = in_netns(ns, str(SERVERS / "hold_clients.py"), "127.0.0.1", str(port), str(n))
+    assert cli.stdout.readline().strip() == f"connected {n}"
+    return cli
+
+
+def test_a_namespace_near_its_port_range_is_recounted_often_one_far_from_it_rarely(start_agent):
+    """Two namespaces with 4 ephemeral ports each: one holding 1 (25 %, below
+    arm_ratio), one holding 2 (50 %). After the agent's first count, both
+    take 2 and 1 more connections: the one near its range is recounted
+    within socket_table_interval_seconds, the one far from it not before
+    socket_table_idle_interval_seconds (an hour here)."""
+    with ExitStack() as stack:
+        procs, inode = [], {}
+        try:
+            for pod, held in (("far", 1), ("near", 2)):
+                ns = stack.enter_context(network_namespace())
+                inode[pod] = os.stat(f"/run/netns/{ns}").st_ino
+                sysctl(ns, "net.ipv4.ip_local_port_range", "40000 40003")
+                # the listener outside the range: every port of it is a client's
+                srv = in_netns(ns, str(SERVERS / "hold_server.py"), "--port", "50000")
+                procs.append(srv)
+                assert srv.stdout.readline().split()[:2] == ["ready", "50000"]
+                procs.append(hold_clients(ns, 50000, held))
+                inode[pod] = (ns, inode[pod])
+            agent = start_agent("socket_table_interval_seconds: 0.1\nsocket_table_idle_interval_seconds: 3600\n")
+            for pod, held in (("far", 1), ("near", 2)):
+                agent.wait_for_value("connwatch_netns_ephemeral_ports_in_use", held, netns=inode[pod][1])
+            for pod, more in (("far", 2), ("near", 1)):
+                procs.append(hold_clients(inode[pod][0], 50000, more))
+            m = agent.wait_for_value("connwatch_netns_ephemeral_ports_in_use", 3, netns=inode["near"][1])
+            # ten recounts of the near one later, the far one still shows its first count
+            m = agent.scrape_after(m.value("connwatch_snapshot_timestamp_seconds") + 1.0)
+            assert m.value("connwatch_netns_ephemeral_ports_in_use", netns=inode["far"][1]) == 1
+            assert m.value("connwatch_netns_ephemeral_ports_in_use", netns=inode["near"][1]) == 3
+        finally:
+            for proc in procs:
+                proc.kill()
+                proc.wait()

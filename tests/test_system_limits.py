@@ -321,7 +321,7 @@ def test_agent_recounts_the_socket_table_at_its_own_interval(start_agent, interv
     from conftest import wait_for
 
     name = "connwatch_system_ephemeral_ports_in_use"
-    agent = start_agent(f"socket_table_interval_seconds: {interval}\n")
+    agent = start_agent(f"socket_table_interval_seconds: {interval}\nsocket_table_idle_interval_seconds: {interval}\n")
     before = agent.scrape()
     in_use = before.value(name)
     assert in_use is not None, agent.log_path.read_text()[-4000:]
@@ -353,7 +353,8 @@ def test_ephemeral_ports_in_use_per_destination_are_exact(start_agent):
 
     from conftest import wait_for
 
-    agent = start_agent("socket_table_interval_seconds: 0.1\nport_destinations_top_k: 1000\n")
+    agent = start_agent("socket_table_interval_seconds: 0.1\nsocket_table_idle_interval_seconds: 0.1\n"
+                        "port_destinations_top_k: 1000\n")
     listeners = [socket.create_server((addr, 0), backlog=64) for addr in ("127.0.0.5", "127.0.0.6")]
     want = {}
     clients = []

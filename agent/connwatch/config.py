@@ -93,10 +93,13 @@ class Config:
     # the kinds of hooks the agent may use, best first per probe: to work
     # around a kernel, or a conflict with another tracing tool
     attach_kinds: tuple[str, ...] = ATTACH_KINDS
-    # the ephemeral-port numbers walk the whole socket table (sock_diag),
-    # the one part of a refresh whose cost grows with every socket on the
-    # host: done at most this often, other refreshes reuse its numbers
+    # the ephemeral-port numbers walk the whole socket table, the one part of
+    # a refresh whose cost grows with every socket on the host: done this
+    # often while some destination holds arm_ratio of the port range, and
+    # every socket_table_idle_interval_seconds while none is near it; other
+    # refreshes reuse the last count
     socket_table_interval_seconds: float = 10.0
+    socket_table_idle_interval_seconds: float = 60.0
     # besides every process that owns a tracked socket, this many processes of
     # the host nearest their RLIMIT_NOFILE get fd-headroom series (and every
     # one past 50 % of its limit, however many)
@@ -110,6 +113,7 @@ class Config:
 _RANGES: dict[str, tuple[float, float]] = {
     "refresh_interval_seconds": (0.05, 300),
     "socket_table_interval_seconds": (0.05, 3600),
+    "socket_table_idle_interval_seconds": (0.05, 3600),
     "max_process_series": (1, 100000),
     "max_listener_series": (1, 100000),
     "fd_headroom_processes": (0, 100000),

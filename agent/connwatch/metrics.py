@@ -280,7 +280,7 @@ SYSTEM_EPHEMERAL_IN_USE = _gauge(
     "agent's network namespace).",
     "system",
     "the port-use iterator (`iter/tcp`) over the agent's network namespace, a sock_diag dump where it cannot "
-    "run; at most every `socket_table_interval_seconds`",
+    "run; every `socket_table_interval_seconds` near exhaustion, `socket_table_idle_interval_seconds` far from it",
     details="Every state that holds a 4-tuple counts: SYN_SENT … TIME_WAIT. Sockets accepted from a local "
     "listener are not outbound and are left out.")
 SYSTEM_EPHEMERAL_IN_USE_MAX_DEST = _gauge(
@@ -304,7 +304,7 @@ SOCKET_TABLE_COUNT_CPU = _gauge(
     "system", "the refresher thread's CPU clock around the count", ("method",), unit="seconds",
     details="`method` is `bpf_iterator` (counted in the kernel), `sock_diag` (a dump filtered in the kernel to "
     "the ephemeral range) or `proc` (`/proc/net/tcp{,6}`). It grows with the sockets of the namespace; divided by "
-    "`socket_table_interval_seconds` it is the share of a core the count costs.")
+    "the recount interval it is the share of a core the count costs.")
 SYSTEM_TIME_WAIT = _gauge(
     "connwatch_system_tcp_time_wait", "TCP sockets in TIME_WAIT (/proc/net/sockstat tw).",
     "system", "`/proc/net/sockstat` `TCP: … tw`")
@@ -379,8 +379,8 @@ NETNS_EPHEMERAL_IN_USE = _gauge(
     "connwatch_netns_ephemeral_ports_in_use",
     "Distinct local ports in the namespace's ephemeral range held by its outbound TCP sockets (TIME_WAIT "
     "included).",
-    "namespaces", "`/proc/<pid>/net/tcp{,6}` of a listener's owner, at most every "
-    "`socket_table_interval_seconds`", NETNS,
+    "namespaces", "`/proc/<pid>/net/tcp{,6}` of a listener's owner, as often as the agent's own namespace "
+    "(`socket_table_interval_seconds` near exhaustion, `socket_table_idle_interval_seconds` far from it)", NETNS,
     details=_NETNS_DETAILS + " Not for the agent's own namespace: that is "
     "`connwatch_system_ephemeral_ports_in_use`, counted in the kernel. Another namespace's sockets can only "
     "be listed as text without entering it "

@@ -6,8 +6,8 @@ TIME_WAIT and conntrack counts, read from /proc/<pid>/net of a live owner
 of one of its listeners (/proc/<pid>/net shows that process's namespace,
 readable without entering it); and, for every namespace but the agent's own
 (whose connwatch_system_ephemeral_* series the kernel counts), its
-ephemeral-port use per destination from that /proc/<pid>/net/tcp{,6}, at
-most every socket_table_interval_seconds."""
+ephemeral-port use per destination from that /proc/<pid>/net/tcp{,6}, as
+often as the agent's own (system.recount_interval)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from .. import metrics
 from ..system import PROC, PortUse, ephemeral_port_use, parse_conntrack_stat, parse_sockstat, read_text
 from .base import ReadContext, Scrape, Source
 from .listeners import Listeners
+from .system import recount_interval
 
 
 def own_netns() -> int:
@@ -57,18 +58,20 @@ class NamespacesSource(Source):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._own_netns = own_netns()
-        # netns -> (monotonic time of its last count, the count)
+        # netns -> (monotonic time of its next count, the last count)
         self._port_use: dict[int, tuple[float, PortUse | None]] = {}
 
     def _count_port_use(self, netns: int, pid: int,
                         port_range: tuple[int, int] | None, now: float) -> PortUse | None:
         if netns == self._own_netns:
             return None  # the connwatch_system_ephemeral_* series: one count, one alert
-        counted_at, use = self._port_use.get(netns, (float("-inf"), None))
-        if port_range is not None and now - counted_at >= self.cfg.socket_table_interval_seconds:
+        due_at, use = self._port_use.get(netns, (float("-inf"), None))
+        if port_range is not None and now >= due_at:
             found = ephemeral_port_use(port_range, prefer="proc", proc_net=f"{PROC}/{pid}/net")
-            counted_at, use = now, found[0] if found else None
-        self._port_use[netns] = (counted_at, use)
+            use = found[0] if found else None
+            due_at = now + recount_interval(self.cfg, use.busiest[1] if use else 0,
+                                            port_range[1] - port_range[0] + 1)
+        self._port_use[netns] = (due_at, use)
         return use
 
     def read(self, ctx: ReadContext) -> Namespaces:

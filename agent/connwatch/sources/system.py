@@ -1,6 +1,7 @@
 """Host-wide limits beside their usage (/proc, sysctl), and ephemeral-port
 use per destination (the port-use iterator, a sock_diag dump where it
-cannot run; at most every socket_table_interval_seconds)."""
+cannot run; every socket_table_interval_seconds near exhaustion, every
+socket_table_idle_interval_seconds far from it: recount_interval)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,18 @@ def destination_label(k: bpf_types.PortUseKey) -> str:
     return f"[{addr}]:{k.dport}" if addr.version == 6 else f"{addr}:{k.dport}"
 
 
+def recount_interval(cfg, busiest: int, ports: int | None) -> float:
+    """Seconds until the next socket-table count of a namespace whose busiest
+    destination holds `busiest` of its `ports` ephemeral ports. A count
+    costs about 1 µs per socket of the namespace (docs/performance.md), so
+    while every destination is below arm_ratio of the range (far from
+    EADDRNOTAVAIL) it is done every socket_table_idle_interval_seconds, and
+    nearer every socket_table_interval_seconds."""
+    if ports and busiest >= cfg.arm_ratio * ports:
+        return cfg.socket_table_interval_seconds
+    return max(cfg.socket_table_idle_interval_seconds, cfg.socket_table_interval_seconds)
+
+
 class SystemSource(Source):
     name = "system"
 
@@ -33,16 +46,20 @@ class SystemSource(Source):
         super().__init__(cfg)
         self._previous: SystemLimits | None = None
         self._socket_table_read_at = float("-inf")
+        self._recount_interval = 0.0
         self._port_use_generation = 0
 
     def read(self, ctx: ReadContext) -> System:
         now = time.monotonic()
         # the socket-table walk is the one part whose cost grows with every
         # socket on the host: the refreshes in between reuse its numbers
-        due = now - self._socket_table_read_at >= self.cfg.socket_table_interval_seconds
+        due = now - self._socket_table_read_at >= self._recount_interval
         if due:
             self._socket_table_read_at = now
         limits = read_system(due, self._previous, lambda port_range: self._read_port_use(ctx, port_range))
+        if due:
+            busiest = limits.port_destinations[0].sockets if limits.port_destinations else 0
+            self._recount_interval = recount_interval(self.cfg, busiest, limits.ephemeral_ports)
         self._previous = limits
         return System(limits, os.sysconf("SC_PAGE_SIZE"))
 
