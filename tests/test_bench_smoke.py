@@ -143,6 +143,10 @@ def test_bench_smoke(tmp_path):
     pu = lv["port_use_cpu_seconds"]
     assert set(pu["agent"]) == {"bpf_iterator"} and pu["agent"]["bpf_iterator"] > 0, pu
     assert pu["sock_diag_filtered"]["median"] > 0 and pu["sock_diag_in_use"] >= lv["connections"], pu
+    # the headline CPU adds the recount at the interval the agent really uses
+    rc = lv["socket_table_recount"]
+    assert rc["cpu_fraction"] == pytest.approx(rc["cpu_seconds_per_recount"] / rc["interval_seconds"])
+    assert lv["idle_cpu_with_recount_fraction"] == pytest.approx(lv["idle_cpu_fraction"] + rc["cpu_fraction"])
     assert _finite_positive(lv["idle_cpu_fraction"]) and _finite_positive(lv["snapshot_build_seconds"]["median"])
     assert lv["agent_memory"]["VmRSS"] > 10 * 2**20
     assert lv["bpf_map_memory_bytes"] > 0 and lv["bpf_map_entries"]["procs"] > 0

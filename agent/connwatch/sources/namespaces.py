@@ -78,21 +78,22 @@ class NamespacesSource(Source):
         listeners: Listeners | None = ctx.pieces.get("listeners")
         if listeners is None:  # its read failed: nothing to say per namespace either
             return Namespaces(())
-        # netns -> its listeners' live owners, lowest pid first, and one listener's state
-        owners: dict[int, list] = {}
+        # netns -> its listeners' live owners, and the state of the listener
+        # of the lowest (pid, port): one pass, as a host can have 10,000 listeners
+        owners: dict[int, set] = {}
         state = {}
-        for key, st in sorted(listeners.by_port.items(), key=lambda kv: (kv[0].owner.tgid, kv[0].port)):
+        for key, st in listeners.by_port.items():
             if not st.netns or key.owner not in ctx.processes:
                 continue
-            owners.setdefault(st.netns, [])
-            if key.owner not in owners[st.netns]:
-                owners[st.netns].append(key.owner)
-            state.setdefault(st.netns, st)
+            owners.setdefault(st.netns, set()).add(key.owner)
+            first = state.get(st.netns)
+            if first is None or (key.owner.tgid, key.port) < first[0]:
+                state[st.netns] = ((key.owner.tgid, key.port), st)
         out = []
         now = time.monotonic()
         for netns, held_by in sorted(owners.items()):
-            processes = [ctx.processes[o] for o in held_by]
-            st = state[netns]
+            processes = [ctx.processes[o] for o in sorted(held_by, key=lambda o: (o.tgid, o.pstart))]
+            st = state[netns][1]
             time_wait = conntrack = port_use = None
             for p in processes:  # the first whose /proc/<pid>/net is still there
                 sockstat = read_text(f"{PROC}/{p.pid}/net/sockstat")
