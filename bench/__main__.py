@@ -81,6 +81,9 @@ class Profile:
     fd_scan_reps: int = 5
     baseline_reps: int = 5
     pyspy_seconds: float = 10.0  # py-spy the agent while scraping at the largest level
+    # the connections axis's agent: socket_table_idle_interval_seconds (None:
+    # the default, 60 s; each level waits for a recount with its sockets)
+    socket_table_idle_interval: float | None = None
 
 
 PROFILES = {
@@ -92,7 +95,7 @@ PROFILES = {
                      accept_conns=1000, accept_rounds=2, vm_accept_conns=300, vm_accept_rounds=1,
                      levels=(1000, 5000), listener_levels=(10, 1000), idle_processes=500, holder_procs=2,
                      scrapes=10, idle_window=2.0, snapshot_samples=3, fd_scan_reps=2, baseline_reps=2,
-                     pyspy_seconds=0),
+                     pyspy_seconds=0, socket_table_idle_interval=1.0),
     "smoke": Profile("smoke", warmup=0.2, quiet_wait=0, agent_refresh=0.5,
                      rounds=1, churn_seconds=0.5, churn_rates=(1000,), growth_rounds=1,
                      syscall_rounds=1, syscall_seconds=0.2,
@@ -100,7 +103,7 @@ PROFILES = {
                      accept_conns=200, accept_rounds=1, vm_accept_conns=100, vm_accept_rounds=1,
                      levels=(500,), listener_levels=(10, 100), idle_processes=50, holder_procs=2,
                      scrapes=5, idle_window=0.5, snapshot_samples=2, fd_scan_reps=1, baseline_reps=1,
-                     pyspy_seconds=0),
+                     pyspy_seconds=0, socket_table_idle_interval=1.0),
 }
 
 

@@ -29,6 +29,7 @@ disarmed (checked at every level).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -278,18 +279,40 @@ def _agent_costs(profile, agent: C.Agent, n_scrapes: int) -> dict:
             "metrics": m}
 
 
-def recount_amortized(metrics, port_use: dict) -> dict:
+def _agent_config(profile):
+    """The connections axis's agent configuration, as connwatch.config.Config."""
+    from connwatch.config import Config
+
+    cfg = Config(refresh_interval_seconds=profile.agent_refresh)
+    if profile.socket_table_idle_interval:
+        cfg = dataclasses.replace(cfg, socket_table_idle_interval_seconds=profile.socket_table_idle_interval)
+    return cfg
+
+
+def _wait_recount(profile, agent: C.Agent, level: int) -> None:
+    """Until the agent's socket-table count includes this level's outbound
+    sockets (every client port is in the ephemeral range), so that what the
+    count cost is this level's: far from exhaustion that takes up to a
+    socket_table_idle_interval_seconds."""
+    cfg = _agent_config(profile)
+    deadline = time.monotonic() + max(cfg.socket_table_idle_interval_seconds, cfg.socket_table_interval_seconds) + 15
+    while (C.metric(agent.metrics(), "connwatch_system_ephemeral_ports_in_use") or 0) < level:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no socket-table recount with {level} outbound sockets in time")
+        time.sleep(0.5)
+
+
+def recount_amortized(profile, metrics, port_use: dict) -> dict:
     """The socket-table recount's share of a core, at the interval the agent
     uses at this level (connwatch.sources.system.recount_interval with the
     default config): the idle window (a few refreshes) rarely holds a
     recount, so its cost is added as CPU per recount / interval. Where the
     window did hold one it is counted twice: the sum errs high, not low."""
-    from connwatch.config import Config
     from connwatch.sources.system import recount_interval
 
     busiest = C.metric(metrics, "connwatch_system_ephemeral_ports_in_use_max_destination") or 0
     ports = C.metric(metrics, "connwatch_system_ephemeral_ports")
-    interval = recount_interval(Config(), int(busiest), int(ports) if ports else None)
+    interval = recount_interval(_agent_config(profile), int(busiest), int(ports) if ports else None)
     per_recount = sum(port_use["agent"].values())
     return {"interval_seconds": interval, "cpu_seconds_per_recount": per_recount,
             "cpu_fraction": per_recount / interval}
@@ -323,6 +346,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
     got = _wait_agent_counts(agent, expected, ports)
     if got != expected:
         raise AssertionError(f"{level} connections: agent counts {got} != held {expected}")
+    _wait_recount(profile, agent, level)
     reps = profile.baseline_reps if level <= 10000 else max(1, profile.baseline_reps - 2)
     baselines = {}
     for name, fn in BASELINES.items():
@@ -342,7 +366,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
     costs = _agent_costs(profile, agent, profile.scrapes)
     metrics = costs.pop("metrics")
     port_use = port_use_costs(metrics, reps)
-    recount = recount_amortized(metrics, port_use)
+    recount = recount_amortized(profile, metrics, port_use)
     mem_total, mem, entries = _map_memory(metrics)
     named = {k: baselines[k]["median"] for k in NAMED_BASELINES}
     fastest = min(named, key=named.get)
@@ -387,7 +411,8 @@ def _agent(profile, tag: str, **config) -> C.Agent:
 def connections_axis(profile) -> dict:
     levels = profile.levels
     nproc = max(profile.holder_procs, math.ceil(max(levels) / per_process_max()))
-    agent = _agent(profile, "scale")
+    idle = profile.socket_table_idle_interval
+    agent = _agent(profile, "scale", **({"socket_table_idle_interval_seconds": idle} if idle else {}))
     holders = None
     try:
         holders = Holders(nproc)
