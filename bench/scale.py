@@ -289,16 +289,18 @@ def _agent_config(profile):
     return cfg
 
 
-def _wait_recount(profile, agent: C.Agent, level: int) -> None:
+def _wait_recount(profile, agent: C.Agent, per_destination: int) -> None:
     """Until the agent's socket-table count includes this level's outbound
-    sockets (every client port is in the ephemeral range), so that what the
+    sockets (each client holder's ports are in the ephemeral range, towards
+    its own server: `per_destination` at the busiest), so that what the
     count cost is this level's: far from exhaustion that takes up to a
     socket_table_idle_interval_seconds."""
     cfg = _agent_config(profile)
     deadline = time.monotonic() + max(cfg.socket_table_idle_interval_seconds, cfg.socket_table_interval_seconds) + 15
-    while (C.metric(agent.metrics(), "connwatch_system_ephemeral_ports_in_use") or 0) < level:
+    name = "connwatch_system_ephemeral_ports_in_use_max_destination"
+    while (C.metric(agent.metrics(), name) or 0) < per_destination:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"no socket-table recount with {level} outbound sockets in time")
+            raise RuntimeError(f"no socket-table recount with {per_destination} sockets to one destination in time")
         time.sleep(0.5)
 
 
@@ -346,7 +348,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
     got = _wait_agent_counts(agent, expected, ports)
     if got != expected:
         raise AssertionError(f"{level} connections: agent counts {got} != held {expected}")
-    _wait_recount(profile, agent, level)
+    _wait_recount(profile, agent, max(holders.opened))
     reps = profile.baseline_reps if level <= 10000 else max(1, profile.baseline_reps - 2)
     baselines = {}
     for name, fn in BASELINES.items():
