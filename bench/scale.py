@@ -290,18 +290,23 @@ def _agent_config(profile):
 
 
 def _wait_recount(profile, agent: C.Agent, per_destination: int) -> None:
-    """Until the agent's socket-table count includes this level's outbound
-    sockets (each client holder's ports are in the ephemeral range, towards
-    its own server: `per_destination` at the busiest), so that what the
-    count cost is this level's: far from exhaustion that takes up to a
-    socket_table_idle_interval_seconds."""
+    """Until the agent recounts the socket table anew (what the last count
+    cost changes) with this level's outbound sockets in it (each client
+    holder's ports towards its own server: `per_destination` at the
+    busiest). What the count cost is then this level's, and the idle window
+    that follows starts a whole recount interval before the next one: far
+    from exhaustion, up to socket_table_idle_interval_seconds of waiting."""
     cfg = _agent_config(profile)
     deadline = time.monotonic() + max(cfg.socket_table_idle_interval_seconds, cfg.socket_table_interval_seconds) + 15
-    name = "connwatch_system_ephemeral_ports_in_use_max_destination"
-    while (C.metric(agent.metrics(), name) or 0) < per_destination:
+    cost, busiest = "connwatch_socket_table_count_cpu_seconds", "connwatch_system_ephemeral_ports_in_use_max_destination"
+    before = C.metric(agent.metrics(), cost)
+    while True:
+        m = agent.metrics()
+        if C.metric(m, cost) != before and (C.metric(m, busiest) or 0) >= per_destination:
+            return
         if time.monotonic() > deadline:
             raise RuntimeError(f"no socket-table recount with {per_destination} sockets to one destination in time")
-        time.sleep(0.5)
+        time.sleep(0.2)
 
 
 def recount_amortized(profile, metrics, port_use: dict) -> dict:
@@ -348,7 +353,6 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
     got = _wait_agent_counts(agent, expected, ports)
     if got != expected:
         raise AssertionError(f"{level} connections: agent counts {got} != held {expected}")
-    _wait_recount(profile, agent, max(holders.opened))
     reps = profile.baseline_reps if level <= 10000 else max(1, profile.baseline_reps - 2)
     baselines = {}
     for name, fn in BASELINES.items():
@@ -365,6 +369,7 @@ def measure_level(profile, agent: C.Agent, holders: Holders, level: int) -> dict
                 break
         baselines[name] = C.summary(times)
 
+    _wait_recount(profile, agent, max(holders.opened))
     costs = _agent_costs(profile, agent, profile.scrapes)
     metrics = costs.pop("metrics")
     port_use = port_use_costs(metrics, reps)
