@@ -167,11 +167,11 @@ static __always_inline bool accept_queue_full(const struct sock *sk)
  * Refresh a listener's live queue fields and its network namespace's
  * limits (somaxconn, the ephemeral port range, tcp_max_tw_buckets), read
  * through its key. The key is the address of a socket that was listening
- * when the entry was made; TCP
- * sockets are freed RCU-safely (SLAB_TYPESAFE_BY_RCU) and iterators run
- * under RCU, so the memory is a struct sock even if this one closed a
- * moment ago: the agent uses the entry only if the state read here is
- * TCP_LISTEN and the port is still its.
+ * when the entry was made; TCP sockets are freed RCU-safely
+ * (SLAB_TYPESAFE_BY_RCU) and iterators run under RCU, so the memory is a
+ * struct sock even if this one closed a moment ago: the agent uses the
+ * entry only if the state read here is TCP_LISTEN and the port is still
+ * its.
  */
 static __always_inline void refresh_listener(__u64 key, struct cw_listener *l)
 {
