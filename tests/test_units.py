@@ -86,3 +86,22 @@ def test_config_defaults_and_values():
 def test_config_errors_name_the_key(text, names):
     with pytest.raises(ConfigError, match=names.replace(".", r"\.").replace("[", r"\[")):
         parse(text, "t")
+
+
+def test_reread_cache_backs_off_and_forgets():
+    """A value is read on first use, again the next round, then after 2, 4,
+    8 ... rounds up to max_rounds; at once when stale; forgotten after a
+    round it was not asked for."""
+    from connwatch.reread import RereadCache
+
+    cache, reads = RereadCache(max_rounds=8), []
+    for rnd in range(1, 40):
+        cache.start_round()
+        cache.get("k", lambda rnd=rnd: reads.append(rnd) or rnd)
+    assert reads == [1, 2, 4, 8, 16, 24, 32]
+    cache.start_round()
+    assert cache.get("k", lambda: 99, stale=lambda v: v == 32) == 99
+    cache.start_round()  # "k" not asked for in this round
+    cache.start_round()
+    assert cache.get("k", lambda: 7) == 7
+    assert cache.get("gone", lambda: None) is None

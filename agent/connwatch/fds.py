@@ -19,6 +19,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from .reread import RereadCache
+
 PROC = "/proc"
 UNLIMITED = "unlimited"
 
@@ -121,26 +123,18 @@ class FdUse:
         return self.open / self.limit if self.limit else 0.0
 
 
-@dataclass(slots=True)
-class _CachedLimit:
-    fd_dir_inode: int  # tells a reused pid from the process we read
-    limit: int
-    read_in: int       # the census round it was read in
-    reread_after: int  # censuses until it is read again: doubles up to RECHECK_ROUNDS
-
-
 class FdCensus:
     """Open fds and soft RLIMIT_NOFILE of every process of the host.
 
     One stat() per process counts its fds. /proc/<pid>/limits (a text file
     the kernel formats for every resource) is read once per process and
-    cached: limits rarely change (prlimit, or a process setting its own at
-    start-up). Start-up is when they do change, so a new process's limit is
-    read again in the next census, then after 2, 4, 8 ... censuses, at most
-    RECHECK_ROUNDS apart; and at once when the process reaches RECHECK_SHARE
-    of it, so a process near its limit is always measured against the limit
-    it really has. A pid reused by a new process has a new /proc/<pid>/fd
-    inode, which misses the cache.
+    cached (reread.RereadCache): limits rarely change, and mostly at
+    start-up (prlimit, or a process setting its own), so a new process's
+    limit is read again in the next census, then after 2, 4, 8 ...
+    censuses, at most RECHECK_ROUNDS apart; and at once when the process
+    reaches RECHECK_SHARE of it, so a process near its limit is always
+    measured against the limit it really has. The cache is keyed by pid
+    and the /proc/<pid>/fd inode: a pid reused by a new process misses it.
 
     Processes without fds (kernel threads, zombies) are left out. On kernels
     before 6.2 counting lists each /proc/<pid>/fd (CAP_DAC_READ_SEARCH for
@@ -151,13 +145,11 @@ class FdCensus:
     RECHECK_SHARE = 0.5
 
     def __init__(self) -> None:
-        self._limits: dict[int, _CachedLimit] = {}
-        self._round = 0
+        self._limits: RereadCache[int] = RereadCache(self.RECHECK_ROUNDS)
         self._size_counts = _size_counts_fds()
 
     def read(self) -> list[FdUse]:
-        self._round += 1
-        seen: dict[int, _CachedLimit] = {}
+        self._limits.start_round()
         out = []
         for name in os.listdir(PROC):
             if not name.isdigit():
@@ -171,17 +163,8 @@ class FdCensus:
             count = st.st_size if self._size_counts else _count_entries(path)
             if not count:
                 continue
-            cached = self._limits.get(pid)
-            if cached is not None and cached.fd_dir_inode != st.st_ino:
-                cached = None  # the pid was reused
-            if (cached is None or self._round - cached.read_in >= cached.reread_after
-                    or count >= cached.limit * self.RECHECK_SHARE):
-                limit = max_fds(pid)
-                if limit is None:
-                    continue
-                after = 1 if cached is None else min(2 * cached.reread_after, self.RECHECK_ROUNDS)
-                cached = _CachedLimit(st.st_ino, limit, self._round, after)
-            seen[pid] = cached
-            out.append(FdUse(pid, count, cached.limit, st.st_ino))
-        self._limits = seen  # forget the processes that are gone
+            limit = self._limits.get((pid, st.st_ino), lambda: max_fds(pid),
+                                     stale=lambda cached: count >= cached * self.RECHECK_SHARE)
+            if limit is not None:
+                out.append(FdUse(pid, count, limit, st.st_ino))
         return out

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from .. import fds, identity, metrics, procinfo
+from ..reread import RereadCache
 from .base import Process, ReadContext, Scrape, Source, summed
 
 # every process past this share of its limit is reported, whatever the top-N
@@ -49,36 +50,24 @@ class HeadroomSource(Source):
     def __init__(self, cfg):
         super().__init__(cfg)
         self._census = fds.FdCensus()
-        # (pid, incarnation) -> (Process, refresh it was read in, refreshes
-        # until it is read again): a process can rename itself or be moved to
-        # another cgroup, mostly as it starts, so a new one is read again at
-        # the next refresh, then after 2, 4, 8 ... up to REIDENTIFY_ROUNDS
-        self._known: dict[tuple[int, int], tuple[Process, int, int]] = {}
-        self._round = 0
+        # who a reported socket-less process is: it can rename itself or be
+        # moved to another cgroup, mostly as it starts
+        self._identities: RereadCache[Process] = RereadCache(REIDENTIFY_ROUNDS)
 
     def read(self, ctx: ReadContext) -> Headroom:
         census = sorted(self._census.read(), key=lambda u: (-u.ratio, u.pid))
         owners = {p.pid: p for p in ctx.processes.values()}
         chosen = {u.pid for u in census[: self.cfg.fd_headroom_processes]}
         chosen |= {u.pid for u in census if u.ratio > ALWAYS_REPORTED_RATIO}
-        self._round += 1
+        self._identities.start_round()
         rows = []
-        known = {}
         for use in census:
             if use.pid not in chosen and use.pid not in owners:
                 continue
-            process = owners.get(use.pid)
-            if process is None:
-                key = (use.pid, use.incarnation)
-                process, read_in, after = self._known.get(key, (None, 0, 0))
-                if process is None or self._round - read_in >= after:
-                    after = min(2 * after, REIDENTIFY_ROUNDS) if process else 1
-                    process, read_in = _identify(use.pid), self._round
-                    if process is None:
-                        continue  # exited meanwhile
-                known[key] = (process, read_in, after)
-            rows.append(ProcessFds(process, use.open, use.limit))
-        self._known = known  # forget the processes no longer reported
+            process = owners.get(use.pid) or self._identities.get(
+                (use.pid, use.incarnation), lambda pid=use.pid: _identify(pid))
+            if process is not None:  # None: exited meanwhile
+                rows.append(ProcessFds(process, use.open, use.limit))
         return Headroom(tuple(rows), census[0] if census else None)
 
     def families(self, piece: Headroom, scrape: Scrape) -> Iterator:
