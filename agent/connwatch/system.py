@@ -107,6 +107,11 @@ class SystemLimits:
     listen_overflows: int | None = None
     listen_drops: int | None = None
 
+    @property
+    def busiest_destination_sockets(self) -> int:
+        """Outbound sockets to the busiest destination; 0 if none were counted."""
+        return self.port_destinations[0].sockets if self.port_destinations else 0
+
 
 # ---- small /proc readers: None instead of an exception ------------------------
 

@@ -58,8 +58,8 @@ class SystemSource(Source):
             self._socket_table_read_at = now
         limits = read_system(due, self._previous, lambda port_range: self._read_port_use(ctx, port_range))
         if due:
-            busiest = limits.port_destinations[0].sockets if limits.port_destinations else 0
-            self._recount_interval = recount_interval(self.cfg, busiest, limits.ephemeral_ports)
+            self._recount_interval = recount_interval(self.cfg, limits.busiest_destination_sockets,
+                                                      limits.ephemeral_ports)
         self._previous = limits
         return System(limits, os.sysconf("SC_PAGE_SIZE"))
 
@@ -111,8 +111,7 @@ class SystemSource(Source):
         )
         yield from (metric.family(value) for metric, value in scalars if value is not None)
         if s.port_destinations is not None:
-            busiest = s.port_destinations[0].sockets if s.port_destinations else 0
-            yield metrics.SYSTEM_EPHEMERAL_IN_USE_MAX_DEST.family(busiest)
+            yield metrics.SYSTEM_EPHEMERAL_IN_USE_MAX_DEST.family(s.busiest_destination_sockets)
             per_destination = metrics.EPHEMERAL_PORTS_IN_USE.family()
             for use in s.port_destinations[: self.cfg.port_destinations_top_k]:
                 per_destination.add_metric([use.destination], use.sockets)
