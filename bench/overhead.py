@@ -13,10 +13,10 @@ import os
 
 from . import common as C
 from . import paired
-from .paired import ALWAYS_AGENT, DEFAULT_AGENT, NOTHING, Condition, Rounds
+from .paired import ALWAYS_AGENT, DEFAULT_AGENT, NOTHING, NOTHING_AGAIN, Condition, Rounds
 
 NCPU = os.cpu_count() or 2
-CHURN_CONDITIONS = [NOTHING, DEFAULT_AGENT, ALWAYS_AGENT]
+CHURN_CONDITIONS = [NOTHING, NOTHING_AGAIN, DEFAULT_AGENT, ALWAYS_AGENT]
 EMPTY_SYS_EXIT = Condition("empty_sys_exit", "empty tp_btf/sys_exit program (any syscall hook's floor)",
                            programs=frozenset({"bench_empty_exit"}))
 SYSCALL_CONDITIONS = [NOTHING, DEFAULT_AGENT, ALWAYS_AGENT, EMPTY_SYS_EXIT]
@@ -62,8 +62,9 @@ def _churn_summary(rounds: Rounds, rate: float) -> dict:
     for c in conds[1:]:
         out[c.name] = {"ratio": C.summary(rounds.ratios(c.name, "rate")),
                        "cpu_ratio": C.summary(rounds.ratios(c.name, "cpu_us_per_conn")),
-                       "gen_cpu_ratio": C.summary(rounds.ratios(c.name, "gen_cpu_us_per_conn")),
-                       **agent_rows(rounds, c.name)}
+                       "gen_cpu_ratio": C.summary(rounds.ratios(c.name, "gen_cpu_us_per_conn"))}
+        if c.agent_config is not None:
+            out[c.name].update(agent_rows(rounds, c.name))
     return out
 
 

@@ -30,10 +30,15 @@ class Condition:
 
     @property
     def is_baseline(self) -> bool:
-        return self.agent_config is None and not self.programs
+        """The condition every ratio is taken against (Rounds.ratios)."""
+        return self.name == BASELINE
 
 
-NOTHING = Condition("none", "nothing attached (baseline)")
+BASELINE = "none"
+NOTHING = Condition(BASELINE, "nothing attached (baseline)")
+# nothing attached once more, measured like any other condition: its ratio to
+# the baseline is what this machine's own drift does to a ratio (an A/A test)
+NOTHING_AGAIN = Condition("none_again", "nothing attached, measured again (A/A: the machine's own spread)")
 # the agent as installed: syscall_tracing on_demand, so on this host no
 # syscall hook while no process is near a limit
 DEFAULT_AGENT = Condition("agent", "connwatch agent, default configuration (syscall hook on demand)", {})
@@ -104,7 +109,7 @@ class Rounds:
         """cond's result at `path` (keys into the result dict), one per round."""
         return [_at(p.result, path) for p in self.of(cond)]
 
-    def ratios(self, cond: str, *path: str, base: str = "none") -> list[float]:
+    def ratios(self, cond: str, *path: str, base: str = BASELINE) -> list[float]:
         """Per round: cond's value at `path` / the baseline's value."""
         b = {p.round: _at(p.result, path) for p in self.of(base)}
         return [_at(p.result, path) / b[p.round] for p in self.of(cond) if b.get(p.round)]

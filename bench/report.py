@@ -59,8 +59,17 @@ def _agent_warnings(bench: str, name: str, r: dict, on_demand: bool) -> list[Row
     return rows
 
 
+def _aa_row(bench: str, a: dict | None) -> list[Row]:
+    """The A/A control: nothing vs nothing, the spread a ratio gets from the machine alone."""
+    if not a:
+        return []
+    return [(bench, f"ratio nothing / nothing (A/A control, {a['ratio']['n']} paired rounds): the machine's own spread",
+             _span(a["ratio"]), "")]
+
+
 def _churn_rows(bench: str, r: dict) -> list[Row]:
     rows = [(bench, "conn/s, nothing attached (median [min..max])", _span(r["rate"]["none"], ".0f"), "")]
+    rows += _aa_row(bench, r.get("none_again"))
     for name, label, target in AGENTS:
         if name not in r:
             continue
@@ -109,6 +118,7 @@ def _ws_rows(r: dict) -> list[Row]:
         b = f"1 ws {name}"
         load = f"{s['label']} echo, {r['connections']} conns x {r['message_bytes']} B"
         rows.append((b, f"{load}: msgs/s, nothing attached", _span(s["none"]["rate"], ".0f"), ""))
+        rows += _aa_row(b, s.get("none_again"))
         for c, label, target in AGENTS:
             a = s[c]
             rows.append((b, f"msgs/s, {label}", _span(a["rate"], ".0f"), ""))

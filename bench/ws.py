@@ -14,8 +14,9 @@ not being measured is idle), and every phase measures each in turn under
 the same condition, so one agent start serves both. Every measurement
 opens 32 fresh connections, so the agent under test sees their handshakes
 and upgrades and measures its steady state after classification. Paired
-rounds (bench/paired.py) of: nothing attached, the agent as installed, the
-agent with `syscall_tracing: always`.
+rounds (bench/paired.py) of: nothing attached; nothing attached again (an
+A/A control: what this machine's own drift does to a ratio); the agent as
+installed; the agent with `syscall_tracing: always`.
 
 Then, in separate rounds with kernel.bpf_stats_enabled=1 (it adds clock
 reads to every BPF run, so it never overlaps the throughput rounds): the BPF
@@ -33,9 +34,9 @@ from dataclasses import dataclass
 from . import common as C
 from . import paired
 from .overhead import agent_config, agent_rows
-from .paired import ALWAYS_AGENT, DEFAULT_AGENT, NOTHING, Condition, Rounds
+from .paired import ALWAYS_AGENT, DEFAULT_AGENT, NOTHING, NOTHING_AGAIN, Condition, Rounds
 
-CONDITIONS = [NOTHING, DEFAULT_AGENT, ALWAYS_AGENT]
+CONDITIONS = [NOTHING, NOTHING_AGAIN, DEFAULT_AGENT, ALWAYS_AGENT]
 EMPTY_SEND_RECV = Condition("empty_send_recv", "empty tp_btf/sock_send_length + sock_recv_length programs",
                             programs=frozenset({"bench_empty_send", "bench_empty_recv"}))
 BPF_CONDITIONS = [DEFAULT_AGENT, ALWAYS_AGENT, EMPTY_SEND_RECV]
@@ -91,6 +92,7 @@ def _summary(rounds: Rounds, server: str) -> dict:
         if not c.is_baseline:
             row["ratio"] = C.summary(rounds.ratios(c.name, server, "rate"))
             row["server_cpu_ratio"] = C.summary(rounds.ratios(c.name, server, "server_cpu_us_per_msg"))
+        if c.agent_config is not None:
             row.update(agent_rows(rounds, c.name))
         out[c.name] = row
     out["generator_max_cores"] = max(p.result[server]["gen_cores"] for p in rounds.phases)

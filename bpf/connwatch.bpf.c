@@ -224,17 +224,59 @@ static __always_inline void on_state_change(struct sock *sk, int oldstate, int n
  * that TCP_CLOSE would be lost. The tracepoint calls both programs; if one
  * is busy, the other runs, and each handler is idempotent (the map delete
  * decides which one accounts a close).
+ *
+ * The second copy works only for an event the first did not finish on
+ * this CPU, i.e. one it was skipped for: in the common case, where the
+ * first (attached first, so called first) has just handled this very
+ * event, the second returns after one per-CPU compare. The first records
+ * what it finished as it returns, so there is no window: an event that
+ * nests anywhere in the first's run, its prologue and epilogue included,
+ * does not match the record of the one before. Where a kernel lets a
+ * raw-tracepoint program run nested, or calls the copies the other way
+ * round, the second may repeat the first's work: idempotence covers that.
  */
+struct sock_state_event {
+	__u64 sk;
+	__u32 states;	/* oldstate << 16 | newstate */
+	__u32 _pad;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct sock_state_event);
+} sock_state_done SEC(".maps");
+
+static __always_inline __u32 state_pair(int oldstate, int newstate)
+{
+	return (__u32)oldstate << 16 | (__u16)newstate;
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(cw_sock_state, struct sock *sk, int oldstate, int newstate)
 {
+	__u32 zero = 0;
+	struct sock_state_event *done;
+
 	on_state_change(sk, oldstate, newstate);
+	done = bpf_map_lookup_elem(&sock_state_done, &zero);
+	if (done) {
+		/* per-CPU: only this program writes it, and never nested on itself */
+		done->sk = (__u64)sk;
+		done->states = state_pair(oldstate, newstate);
+	}
 	return 0;
 }
 
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(cw_sock_state_nested, struct sock *sk, int oldstate, int newstate)
 {
+	__u32 zero = 0;
+	struct sock_state_event *done = bpf_map_lookup_elem(&sock_state_done, &zero);
+
+	if (done && done->sk == (__u64)sk && done->states == state_pair(oldstate, newstate))
+		return 0;
 	on_state_change(sk, oldstate, newstate);
 	return 0;
 }

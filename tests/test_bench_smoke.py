@@ -95,10 +95,11 @@ def test_bench_smoke(tmp_path):
     assert r["machine"]["nproc"] >= 1 and r["machine"]["kernel"]
 
     c = r["churn"]
-    for cond in ("none", "agent", "agent_always"):
+    for cond in ("none", "none_again", "agent", "agent_always"):
         assert _finite_positive(c["rate"][cond]["median"]), cond
-    for cond in ("agent", "agent_always"):
+    for cond in ("none_again", "agent", "agent_always"):
         assert 0.05 < c[cond]["ratio"]["median"] < 20  # a ratio of two real measurements
+    for cond in ("agent", "agent_always"):
         assert all(c[cond]["agent_alive_after_load"])
 
     s = r["syscall"]
@@ -111,8 +112,10 @@ def test_bench_smoke(tmp_path):
     w = r["ws"]
     for server in ("node", "python"):
         ws = w[server]
-        for cond in ("none", "agent", "agent_always"):
+        for cond in ("none", "none_again", "agent", "agent_always"):
             assert _finite_positive(ws[cond]["rate"]["median"]), (server, cond)
+        # the A/A control is a ratio like the agents' (the table's "machine's own spread")
+        assert 0.05 < ws["none_again"]["ratio"]["median"] < 20, ws["none_again"]
         bpf = ws["bpf"]
         agent, empty = bpf["agent"]["programs"], bpf["empty_send_recv"]["programs"]
         # every echo is a send and a receive at each end (counts are host-wide: at least that)

@@ -538,7 +538,10 @@ class Probes:
 
 def _attach(obj: BpfObject, plan: Plan) -> str | None:
     """Attach every chosen program but the syscall hook (armed later, or
-    not at all); the first program that will not attach, or None."""
+    not at all); the first program that will not attach, or None. In name
+    order: a tracepoint calls its programs in the order they were attached,
+    and cw_sock_state_nested is cheapest called after cw_sock_state
+    (connwatch.bpf.c)."""
     for name in sorted(plan.programs() - {SYSCALL_HOOK_PROGRAM}):
         prog, s = obj.programs[name], plan.strategy(plan.owner_of(name))
         try:
