@@ -149,32 +149,23 @@ static __always_inline struct cw_conn_counts *counts_of(__u32 tgid, __u64 pstart
 	return lookup_or_init(&conn_counts, CW_MAP_CONN_COUNTS, &key, &zero);
 }
 
-/* The owner's gauges: open connections and, of those, CLOSE_WAIT ones. Returns the owner's entry. */
-static __always_inline struct cw_conn_counts *owner_add(const struct cw_sock *s, __s64 delta)
+/* The owner's gauges: open connections and, of those, CLOSE_WAIT ones. */
+static __always_inline void owner_add(const struct cw_sock *s, __s64 delta)
 {
 	struct cw_conn_counts *c = counts_of(s->tgid, s->pstart, s->lport, s->kind);
 
 	if (!c)
-		return NULL;
+		return;
 	atomic_add(&c->open, delta);
 	if (s->close_wait)
 		atomic_add(&c->close_wait, delta);
-	return c;
 }
 
-/*
- * The acceptor's counters (its entry for the kind the connection has now).
- * `owners` is the owner's entry if the caller just had it: the same entry
- * when the acceptor still owns the connection, as it mostly does, which
- * spares a second lookup of one key on the accept and close paths.
- */
-static __always_inline void acceptor_count(const struct cw_sock *s, struct cw_conn_counts *owners,
-					   __u64 accepted, __u64 closed)
+/* The acceptor's counters (its entry for the kind the connection has now). */
+static __always_inline void acceptor_count(const struct cw_sock *s, __u64 accepted, __u64 closed)
 {
-	struct cw_conn_counts *c = owners;
+	struct cw_conn_counts *c = counts_of(s->acceptor_tgid, s->acceptor_pstart, s->lport, s->kind);
 
-	if (!c || s->acceptor_tgid != s->tgid || s->acceptor_pstart != s->pstart)
-		c = counts_of(s->acceptor_tgid, s->acceptor_pstart, s->lport, s->kind);
 	if (!c)
 		return;
 	if (accepted)
@@ -198,13 +189,11 @@ static __always_inline void peers_add(const struct cw_sock *s, __s64 delta)
 		atomic_add(n, delta);
 }
 
-/* What a connection adds to its owner's gauges: open, CLOSE_WAIT, per peer. Returns the owner's entry. */
-static __always_inline struct cw_conn_counts *count_connection(const struct cw_sock *s, __s64 delta)
+/* What a connection adds to its owner's gauges: open, CLOSE_WAIT, per peer. */
+static __always_inline void count_connection(const struct cw_sock *s, __s64 delta)
 {
-	struct cw_conn_counts *owners = owner_add(s, delta);
-
+	owner_add(s, delta);
 	peers_add(s, delta);
-	return owners;
 }
 
 static __always_inline __u32 log2_u64(__u64 v)
@@ -278,10 +267,9 @@ static __always_inline void init_sock(struct cw_sock *s, const struct sock *sk, 
  */
 static __always_inline bool end_entry(const struct sock *sk, const struct cw_sock *s, bool lifetime_known)
 {
-	struct cw_conn_counts *owners = NULL;
 	struct cw_sock copy = *s;
 	__u64 key = (__u64)sk;
-	__u64 accepted = 0;
+	bool counted = true;
 
 	if (bpf_map_delete_elem(&socks, &key))
 		return false;
@@ -294,11 +282,12 @@ static __always_inline bool end_entry(const struct sock *sk, const struct cw_soc
 		 * accept() will hand it over closed) or as its holder closes it
 		 * untouched. Accepted and closed, with no time in the gauge.
 		 */
-		accepted = 1;
-	} else {
-		owners = count_connection(&copy, -1);
+		acceptor_count(&copy, 1, 0);
+		counted = false;
 	}
-	acceptor_count(&copy, owners, accepted, 1);
+	if (counted)
+		count_connection(&copy, -1);
+	acceptor_count(&copy, 0, 1);
 	if (lifetime_known)
 		record_duration(&copy, bpf_ktime_get_ns());
 	return true;
@@ -353,7 +342,6 @@ static __always_inline bool forget_stale(const struct sock *sk, const struct cw_
 static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum seen_at at)
 {
 	bool unclassified_one = s->class_state != CW_CLASS_DONE;
-	struct cw_conn_counts *owners = NULL;
 	__u64 key = (__u64)sk;
 	struct cw_sock *old;
 	__u8 one = 1;
@@ -363,7 +351,7 @@ static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum
 		s->close_wait = 1; /* the peer closed while it waited in the accept queue */
 	s->queued = at == SEEN_AT_HANDSHAKE;
 	if (!s->queued)
-		owners = count_connection(s, 1);
+		count_connection(s, 1);
 	if (unclassified_one)
 		atomic_add(&unclassified, 1); /* before the entry exists: no first send is skipped */
 	err = bpf_map_update_elem(&socks, &key, s, BPF_NOEXIST);
@@ -389,7 +377,7 @@ static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum
 	}
 	socks_live_add(1);
 	if (at == SEEN_AT_ACCEPT)
-		acceptor_count(s, owners, 1, 0);
+		acceptor_count(s, 1, 0);
 	/*
 	 * A peer may have reset the connection while it sat in the accept
 	 * queue, or just now on another CPU, before our entry existed: then no
@@ -412,20 +400,19 @@ static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum
  */
 static __always_inline bool settle_queued(const struct sock *sk, struct cw_sock *s, __u32 tgid, __u64 pstart)
 {
-	struct cw_conn_counts *owners;
 	struct cw_sock settled = *s;
 	__u64 key = (__u64)sk;
 
 	settled.tgid = settled.acceptor_tgid = tgid;
 	settled.pstart = settled.acceptor_pstart = pstart;
 	settled.queued = 0;
-	owners = count_connection(&settled, 1);
+	count_connection(&settled, 1);
 	if (bpf_map_delete_elem(&queued, &key)) {
 		count_connection(&settled, -1);
 		s->queued = 0;
 		return false;
 	}
-	acceptor_count(&settled, owners, 1, 0);
+	acceptor_count(&settled, 1, 0);
 	s->tgid = settled.tgid;
 	s->pstart = settled.pstart;
 	s->acceptor_tgid = settled.acceptor_tgid;

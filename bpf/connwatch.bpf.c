@@ -143,11 +143,8 @@ static __always_inline void on_passive_open(struct sock *sk)
 	struct listen_owner *owner;
 	struct cw_sock s = {};
 
-	/*
-	 * No lookup first: the twin program rarely sees the same handshake
-	 * (only when the first missed it), and track() finds it tracked then.
-	 */
-	if (!is_tcp_inet(sk))
+	/* the second program of the pair finds the first one's entry: done */
+	if (sock_lookup(sk) || !is_tcp_inet(sk))
 		return;
 	owner = listener_of(sk);
 	if (!owner)
