@@ -7,10 +7,11 @@
  * address. Not in socket local storage, though its lookup is cheaper: on
  * the development host creating and deleting one storage element costs
  * ~1.35 us per connection against ~0.3 us for a preallocated hash entry
- * (bench/bpf/store_cost.bpf.c), and what every send and receive on the
- * host pays is kept small another way: the `unclassified` count lets them
- * skip the lookup whenever no tracked connection still waits for its
- * first exchange.
+ * (measured while this was designed; the measuring program was not kept),
+ * and what the hooks pay is kept small another way: the `unclassified`
+ * count lets sends and receives skip the lookup whenever no tracked
+ * connection still waits for its first exchange, and `tracked_ports` lets
+ * every hook skip it for a socket on a port no tracked connection had.
  */
 #ifndef CW_CONN_BPF_H
 #define CW_CONN_BPF_H
@@ -90,6 +91,28 @@ struct {
 	__type(value, __u8);
 } queued SEC(".maps");
 
+/*
+ * Local ports that tracked connections have had: one byte per port, set
+ * before an entry is inserted and never cleared, so a socket on a port
+ * whose byte is 0 is not tracked. The state-change, send and receive hooks
+ * ask this array before looking in `socks`: outbound sockets on ephemeral
+ * ports, most of the state changes on a host that also connects out (and
+ * both ends of a loopback connection), skip the lookup: ~180 ns less per
+ * such event on the development host (docs/architecture.md). Bytes, not
+ * bits: setting one is a plain store, where a bit would need an atomic OR
+ * (v5.12) or race with its neighbours.
+ */
+struct tracked_ports {
+	__u8 port[65536];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tracked_ports);
+} tracked_ports SEC(".maps");
+
 /* Where a socket was first seen. */
 enum seen_at {
 	SEEN_AT_HANDSHAKE,
@@ -106,13 +129,33 @@ static __always_inline struct cw_sock *sock_lookup(const struct sock *sk)
 	return bpf_map_lookup_elem(&socks, &key);
 }
 
+static __always_inline void mark_tracked_port(__u16 port)
+{
+	__u32 zero = 0;
+	struct tracked_ports *t = bpf_map_lookup_elem(&tracked_ports, &zero);
+
+	if (t && !t->port[port])
+		t->port[port] = 1;
+}
+
+/* The entry of sk if it may be tracked: no lookup for a socket on a port no tracked one had. */
+static __always_inline struct cw_sock *sock_lookup_tracked(const struct sock *sk)
+{
+	__u32 zero = 0;
+	struct tracked_ports *t = bpf_map_lookup_elem(&tracked_ports, &zero);
+
+	if (t && !t->port[local_port(sk)])
+		return NULL;
+	return sock_lookup(sk);
+}
+
 /*
  * The entry of a socket that may still be classified, for the send and
  * receive hooks: skips the lookup when no tracked connection is.
  */
 static __always_inline struct cw_sock *sock_lookup_unclassified(const struct sock *sk)
 {
-	return unclassified ? sock_lookup(sk) : NULL;
+	return unclassified ? sock_lookup_tracked(sk) : NULL;
 }
 
 /* s's first exchange is decided: no more looking at its data. */
@@ -296,7 +339,7 @@ static __always_inline bool end_entry(const struct sock *sk, const struct cw_soc
 /* TCP_CLOSE of sk: the end of its connection, if it is a tracked one. */
 static __always_inline void close_entry(const struct sock *sk)
 {
-	struct cw_sock *s = sock_lookup(sk);
+	struct cw_sock *s = sock_lookup_tracked(sk);
 
 	if (s)
 		end_entry(sk, s, true);
@@ -347,6 +390,7 @@ static __always_inline void track(const struct sock *sk, struct cw_sock *s, enum
 	__u8 one = 1;
 	long err;
 
+	mark_tracked_port(s->lport); /* before the entry exists: no close finds it unmarked */
 	if (sock_state(sk) == TCP_CLOSE_WAIT)
 		s->close_wait = 1; /* the peer closed while it waited in the accept queue */
 	s->queued = at == SEEN_AT_HANDSHAKE;
@@ -449,7 +493,7 @@ static __always_inline void reassign(struct cw_sock *s, __u32 tgid, __u64 pstart
 /* The peer closed (ESTABLISHED -> CLOSE_WAIT) or the owner did (CLOSE_WAIT -> LAST_ACK). */
 static __always_inline void set_close_wait(const struct sock *sk, bool on)
 {
-	struct cw_sock *s = sock_lookup(sk);
+	struct cw_sock *s = sock_lookup_tracked(sk);
 	struct cw_conn_counts *c;
 	__u64 key = (__u64)sk;
 

@@ -177,7 +177,7 @@ static __always_inline void settle_closing(struct sock *sk)
 
 	if (!count_at_handshake)
 		return;
-	s = sock_lookup(sk);
+	s = sock_lookup_tracked(sk);
 	if (!s || !s->queued || !grafted(sk))
 		return;
 	pstart = current_pstart();
