@@ -262,7 +262,12 @@ int BPF_PROG(cw_sock_state, struct sock *sk, int oldstate, int newstate)
 	on_state_change(sk, oldstate, newstate);
 	done = bpf_map_lookup_elem(&sock_state_done, &zero);
 	if (done) {
-		/* per-CPU: only this program writes it, and never nested on itself */
+		/*
+		 * Per-CPU, written only here. Where this program can run
+		 * nested, a record torn by a nested run only makes the second
+		 * copy repeat work; where it cannot, the second copy does the
+		 * work for every event this one was skipped for.
+		 */
 		done->sk = (__u64)sk;
 		done->states = state_pair(oldstate, newstate);
 	}
