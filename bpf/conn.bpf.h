@@ -129,22 +129,35 @@ static __always_inline struct cw_sock *sock_lookup(const struct sock *sk)
 	return bpf_map_lookup_elem(&socks, &key);
 }
 
+/*
+ * A port as an index into tracked_ports, masked behind barrier_var() so
+ * that clang keeps the mask it would drop as implied by the 16-bit type:
+ * without it the verifiers of 5.10, 6.1 and 6.12 refused the index that
+ * comes out of bpf_ntohs() ("math between map_value pointer and register
+ * with unbounded min value"); 6.18's accepted it.
+ */
+static __always_inline __u32 port_index(__u32 port)
+{
+	barrier_var(port);
+	return port & 0xffff;
+}
+
 static __always_inline void mark_tracked_port(__u16 port)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, i = port_index(port);
 	struct tracked_ports *t = bpf_map_lookup_elem(&tracked_ports, &zero);
 
-	if (t && !t->port[port])
-		t->port[port] = 1;
+	if (t && !t->port[i])
+		t->port[i] = 1;
 }
 
 /* The entry of sk if it may be tracked: no lookup for a socket on a port no tracked one had. */
 static __always_inline struct cw_sock *sock_lookup_tracked(const struct sock *sk)
 {
-	__u32 zero = 0;
+	__u32 zero = 0, i = port_index(local_port(sk));
 	struct tracked_ports *t = bpf_map_lookup_elem(&tracked_ports, &zero);
 
-	if (t && !t->port[local_port(sk)])
+	if (t && !t->port[i])
 		return NULL;
 	return sock_lookup(sk);
 }
