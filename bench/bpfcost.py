@@ -56,9 +56,16 @@ TWINS = {"sock_state": "bench_empty_state", "sock_state_nested": "bench_empty_st
          "sock_send": "bench_empty_send", "sock_recv": "bench_empty_recv"}
 EMPTY_ACCEPT_PATH = Condition("empty_twins", "empty twins of the accept-path programs",
                               programs=frozenset(TWINS.values()))
+# Runs of those hooks that belong to the server's end of one connection, by
+# construction: its child socket's two state changes (CLOSE -> SYN_RECV,
+# SYN_RECV -> ESTABLISHED), each calling both state programs, and its first
+# read. The other two state changes and the write are the loopback client's,
+# which a server whose clients are elsewhere would not pay for.
+SERVER_END_RUNS = {"sock_state": 2, "sock_state_nested": 2, "sock_recv": 1}
 # in a kernel with fentry: the agent's fexit program and its twin
 FEXIT_TWINS = {"accept_fexit": "bench_empty_accept", "sock_state": "bench_empty_state",
                "sock_state_nested": "bench_empty_state2"}
+FEXIT_SERVER_END_RUNS = {"accept_fexit": 1, "sock_state": 2, "sock_state_nested": 2}
 EMPTY_FEXIT_PATH = Condition("empty_twins", "empty fexit/inet_csk_accept and inet_sock_set_state twins",
                              programs=frozenset(FEXIT_TWINS.values()))
 SRC_IP = "127.0.0.30"
@@ -110,12 +117,15 @@ def _per_connection(rounds: Rounds, cond: str, step: str) -> dict:
     return out
 
 
-def _totals(rounds: Rounds, agent: str, empty: str, step: str, twins: dict[str, str]) -> dict:
-    """The agent's BPF ns per connection in a step (all its programs), and
-    the same minus the empty twins' ns in the paired round (the twins'
-    ns/run times the agent's runs: what the hooks alone would cost)."""
+def _totals(rounds: Rounds, agent: str, empty: str, step: str, twins: dict[str, str],
+            server_end_runs: dict[str, int]) -> dict:
+    """The agent's BPF ns per connection in a step (all its programs); the
+    floor: the empty twins' ns/run in the paired round times the agent's
+    runs (what the hooks alone cost, whatever a program on them does), and
+    the same for the server's end alone; and the raw total minus the floor
+    (connwatch's own work)."""
     empty_by_round = {ph.round: ph.result for ph in rounds.of(empty)}
-    raw, work = [], []
+    raw, work, floors, server_floors = [], [], [], []
     for ph in rounds.of(agent):
         n = ph.result["conns"]
         total = sum(t for t, _ in ph.result[step].values())
@@ -123,21 +133,26 @@ def _totals(rounds: Rounds, agent: str, empty: str, step: str, twins: dict[str, 
         e = empty_by_round.get(ph.round)
         if e is None:
             continue
-        floor = 0.0
+        floor = server_floor = 0.0
         for prog, twin in twins.items():
             t_e, r_e = e[step].get(twin, [0, 0])
             _, r_a = ph.result[step].get(prog, [0, 0])
             if r_e:
                 floor += t_e / r_e * r_a
+                server_floor += t_e / r_e * server_end_runs.get(prog, 0)
         work.append((total - floor) / n)
-    return {"raw_ns_per_conn": C.summary(raw), "over_empty_ns_per_conn": C.summary(work)}
+        floors.append(floor / n)
+        server_floors.append(server_floor)
+    return {"raw_ns_per_conn": C.summary(raw), "over_empty_ns_per_conn": C.summary(work),
+            "floor_ns_per_conn": C.summary(floors), "server_end_floor_ns_per_conn": C.summary(server_floors)}
 
 
-def _summarize(rounds: Rounds, agent: str, empty: str, twins: dict[str, str]) -> dict:
+def _summarize(rounds: Rounds, agent: str, empty: str, twins: dict[str, str],
+               server_end_runs: dict[str, int]) -> dict:
     out = {"rounds": rounds.to_json()}
     for step in ("open", "close"):
         out[step] = {"agent": _per_connection(rounds, agent, step), "empty": _per_connection(rounds, empty, step),
-                     **_totals(rounds, agent, empty, step, twins)}
+                     **_totals(rounds, agent, empty, step, twins, server_end_runs if step == "open" else {})}
     return out
 
 
@@ -145,7 +160,7 @@ def accept_path(profile) -> dict:
     with C.sysctl("kernel.bpf_stats_enabled", "1"):
         rounds = paired.run(profile, [DEFAULT_AGENT, EMPTY_ACCEPT_PATH], profile.accept_rounds,
                             _measure(profile.accept_conns), "accept path", agent_config(profile))
-    out = _summarize(rounds, DEFAULT_AGENT.name, EMPTY_ACCEPT_PATH.name, TWINS)
+    out = _summarize(rounds, DEFAULT_AGENT.name, EMPTY_ACCEPT_PATH.name, TWINS, SERVER_END_RUNS)
     out["conns_per_step"] = profile.accept_conns
     out["hook_armed_phases"] = sum(1 for p in rounds.of(DEFAULT_AGENT.name) if p.hook_armed)
     return out
@@ -188,7 +203,7 @@ def _guest(conns: int, rounds: int) -> dict:
     with C.sysctl("kernel.bpf_stats_enabled", "1"):
         r = paired.run(settings, [DEFAULT_AGENT, EMPTY_FEXIT_PATH], rounds, _measure(conns),
                        "accept path (VM)", {"refresh_interval_seconds": 2})
-    out = _summarize(r, DEFAULT_AGENT.name, EMPTY_FEXIT_PATH.name, FEXIT_TWINS)
+    out = _summarize(r, DEFAULT_AGENT.name, EMPTY_FEXIT_PATH.name, FEXIT_TWINS, FEXIT_SERVER_END_RUNS)
     out["uname"] = os.uname().release
     out["conns_per_step"] = conns
     return out

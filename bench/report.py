@@ -163,6 +163,18 @@ def _ws_rows(r: dict) -> list[Row]:
                              ", ".join(bpf[c]["exported_missing"]), ""))
         if bpf["agent"].get("hook_armed_phases"):
             rows.append((b, "WARNING: default agent's syscall hook armed during the bpf_stats phase", "", ""))
+        acc = s.get("cpu_accounting")
+        if acc:
+            budget = 1 - WS_MIN_RATIO
+            rows.append((b, "the floor: an empty send+recv pair on the server's end per echo / the server's CPU "
+                         "per echo, nothing attached",
+                         f"{acc['floor_server_ns_per_msg']:.0f} ns / {acc['server_cpu_ns_per_msg']:.0f} ns = "
+                         f"{acc['floor_share']:.2%}",
+                         f"{'above' if acc['floor_share'] > budget else 'below'} the {budget:.0%} the goal allows"))
+            rows.append((b, "by CPU accounting: the default agent's send/recv BPF ns on the server's end per echo, "
+                         "and the ratio they leave",
+                         f"{acc['agent_server_ns_per_msg']:.0f} ns = {acc['agent_share']:.2%}; "
+                         f"ratio {acc['cpu_accounted_ratio']:.4f}", ""))
     return rows
 
 
@@ -175,6 +187,18 @@ def _accept_rows(r: dict, bench: str = "3 accept", target: bool = True) -> list[
                  f"<= {ACCEPT_MAX_NS}: {_mark(raw['median'] <= ACCEPT_MAX_NS)}" if target else ""))
     rows.append((bench, "the same minus the empty twins' floor on those hooks (connwatch's own work)",
                  _span(work, ".0f"), ""))
+    floor, server_floor = o.get("floor_ns_per_conn"), o.get("server_end_floor_ns_per_conn")
+    if floor and floor["n"]:
+        # what any program on these hooks costs, doing nothing: a goal below it
+        # cannot be met with these hooks, whatever the code does
+        rows.append((bench, "the floor: the empty twins alone, at the agent's runs (both ends of the loopback "
+                     "connections)", _span(floor, ".0f"),
+                     f"{'above' if floor['median'] > ACCEPT_MAX_NS else 'below'} the {ACCEPT_MAX_NS} ns goal"
+                     if target else ""))
+        rows.append((bench, "the floor of the server's end alone (its child socket's 2 state changes, "
+                     "its accept or first read)", _span(server_floor, ".0f"),
+                     f"{'above' if server_floor['median'] > ACCEPT_MAX_NS else 'below'} the {ACCEPT_MAX_NS} ns goal"
+                     if target else ""))
     for prog, p in o["agent"].items():
         rows.append((bench, f"agent {prog} (open step)", f"{p['runs_per_conn']:.2f} runs/conn x "
                      f"{p['ns_per_run']:.0f} ns = {p['ns_per_conn']['median']:.0f} ns/conn", ""))

@@ -127,6 +127,10 @@ def test_bench_smoke(tmp_path):
         # the agent exports what the kernel counted (connwatch_bpf_program_runs_total)
         assert bpf["agent"]["exported_missing"] == [] and bpf["agent_always"]["exported_missing"] == []
         assert all(x["n"] == 1 for x in bpf["excess_ns_per_run"].values()), bpf["excess_ns_per_run"]
+        # CPU accounting: the hooks' floor and the agent's send/recv time as shares of the server's CPU per echo
+        acc = ws["cpu_accounting"]
+        assert 0 < acc["floor_share"] < 1 and 0 < acc["agent_share"] < 1, acc
+        assert acc["cpu_accounted_ratio"] == pytest.approx(1 / (1 + acc["agent_share"])), acc
 
     a = r["bpfcost"]
     opened = a["open"]["agent"]
@@ -136,6 +140,9 @@ def test_bench_smoke(tmp_path):
     assert opened["sock_recv"]["runs_per_conn"] >= 1
     assert _finite_positive(a["open"]["raw_ns_per_conn"]["median"])
     assert a["open"]["empty"]["bench_empty_state"]["runs_per_conn"] >= 1
+    # the floor (the empty twins at the agent's runs) is part of the raw total; the server's end is part of it
+    floor, server_floor = a["open"]["floor_ns_per_conn"]["median"], a["open"]["server_end_floor_ns_per_conn"]["median"]
+    assert 0 < server_floor < floor < a["open"]["raw_ns_per_conn"]["median"], a["open"]
 
     sc = r["scale"]
     lv = sc["connections"]["levels"][0]
