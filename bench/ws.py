@@ -168,8 +168,8 @@ def _cpu_accounting(summary: dict, bpf: dict) -> dict:
     floor of any program on those hooks) and the share the default agent's
     send/recv programs take. Each echo runs one send and one receive at each
     end, so the server's end is half of the per-echo numbers. bpf_stats time
-    excludes the tracepoint's dispatch into BPF: both shares are lower
-    bounds of what the hooks really cost."""
+    holds a clock read that a run without it does not pay and leaves out the
+    tracepoint's dispatch into BPF: both shares are estimates, not bounds."""
     server_ns = summary["none"]["server_cpu_us_per_msg"]["median"] * 1000
     empty = bpf["empty_send_recv"]["programs"]
     agent = bpf["agent"]["programs"]
