@@ -282,13 +282,13 @@ def bpftool_json(*args: str) -> list | dict:
     return json.loads(out.stdout or "[]")
 
 
-_FDINFO_ID = re.compile(r"^(prog_id|link_id):\s*(\d+)", re.M)
+_FDINFO_ID = re.compile(r"^(prog_id|link_id|map_id):\s*(\d+)", re.M)
 
 
 def fd_object_ids(pids) -> dict[str, set[int]]:
-    """{"prog_id": {...}, "link_id": {...}}: the BPF programs and links the
-    processes hold open (from /proc/<pid>/fdinfo)."""
-    ids: dict[str, set[int]] = {"prog_id": set(), "link_id": set()}
+    """{"prog_id": {...}, "link_id": {...}, "map_id": {...}}: the BPF
+    programs, links and maps the processes hold open (from /proc/<pid>/fdinfo)."""
+    ids: dict[str, set[int]] = {"prog_id": set(), "link_id": set(), "map_id": set()}
     for pid in pids:
         d = Path(f"/proc/{pid}/fdinfo")
         try:

@@ -3,15 +3,14 @@ network namespaces vanishing under it, scrapes during start-up."""
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
+from bench.common import bpftool_json, fd_object_ids
 from conftest import CONNWATCH, ROOT, Metrics, free_port, wait_for
 
 
@@ -117,27 +116,16 @@ def test_sigterm_stops_the_agent_cleanly_even_when_repeated(start_agent):
 
 def _agent_map_id(agent, name: str) -> int:
     """The id of the agent's BPF map `name`, from the map fds it holds."""
-    fdinfo = f"/proc/{agent.proc.pid}/fdinfo"
-    for fd in os.listdir(fdinfo):
-        try:
-            with open(f"{fdinfo}/{fd}") as f:
-                text = f.read()
-        except OSError:
-            continue
-        found = re.search(r"^map_id:\s+(\d+)", text, re.M)
-        if found and _bpftool("map", "show", "id", found[1]).get("name") == name:
-            return int(found[1])
+    for map_id in fd_object_ids([agent.proc.pid])["map_id"]:
+        if bpftool_json("map", "show", "id", str(map_id)).get("name") == name:
+            return map_id
     raise AssertionError(f"the agent holds no map named {name}")
-
-
-def _bpftool(*args: str):
-    return json.loads(subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True).stdout)
 
 
 def _keys(map_id: int) -> set[int]:
     """The keys of a map of __u64 keys (socks, queued): struct sock addresses."""
     return {int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little")
-            for e in _bpftool("map", "dump", "id", str(map_id))}
+            for e in bpftool_json("map", "dump", "id", str(map_id))}
 
 
 def _reset_pair(client: socket.socket, server: socket.socket) -> None:
