@@ -25,6 +25,11 @@ def _mark(ok: bool) -> str:
     return "MET" if ok else "MISSED"
 
 
+def _against(floor: float, limit: float, goal: str) -> str:
+    """Where a floor lies against a goal: one below it cannot be met on those hooks."""
+    return f"{'above' if floor > limit else 'below'} {goal}"
+
+
 def _span(s: dict, fmt: str = ".3f") -> str:
     """median [min .. max]"""
     return f"{s['median']:{fmt}} [{s['min']:{fmt}} .. {s['max']:{fmt}}]"
@@ -170,7 +175,7 @@ def _ws_rows(r: dict) -> list[Row]:
                          "per echo, nothing attached",
                          f"{acc['floor_server_ns_per_msg']:.0f} ns / {acc['server_cpu_ns_per_msg']:.0f} ns = "
                          f"{acc['floor_share']:.2%}",
-                         f"{'above' if acc['floor_share'] > budget else 'below'} the {budget:.0%} the goal allows"))
+                         _against(acc["floor_share"], budget, f"the {budget:.0%} the goal allows")))
             rows.append((b, "by CPU accounting: the default agent's send/recv BPF ns on the server's end per echo, "
                          "and the ratio they leave",
                          f"{acc['agent_server_ns_per_msg']:.0f} ns = {acc['agent_share']:.2%}; "
@@ -193,11 +198,10 @@ def _accept_rows(r: dict, bench: str = "3 accept", target: bool = True) -> list[
         # cannot be met with these hooks, whatever the code does
         rows.append((bench, "the floor: the empty twins alone, at the agent's runs (both ends of the loopback "
                      "connections)", _span(floor, ".0f"),
-                     f"{'above' if floor['median'] > ACCEPT_MAX_NS else 'below'} the {ACCEPT_MAX_NS} ns goal"
-                     if target else ""))
+                     _against(floor["median"], ACCEPT_MAX_NS, f"the {ACCEPT_MAX_NS} ns goal") if target else ""))
         rows.append((bench, "the floor of the server's end alone (its child socket's 2 state changes, "
                      "its accept or first read)", _span(server_floor, ".0f"),
-                     f"{'above' if server_floor['median'] > ACCEPT_MAX_NS else 'below'} the {ACCEPT_MAX_NS} ns goal"
+                     _against(server_floor["median"], ACCEPT_MAX_NS, f"the {ACCEPT_MAX_NS} ns goal")
                      if target else ""))
     for prog, p in o["agent"].items():
         rows.append((bench, f"agent {prog} (open step)", f"{p['runs_per_conn']:.2f} runs/conn x "
