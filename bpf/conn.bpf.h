@@ -488,10 +488,8 @@ static __always_inline bool settle_queued(const struct sock *sk, const struct cw
 	 * meanwhile and the map handed it to another connection (a preallocated
 	 * hash reuses a freed element at once). Written through s, that
 	 * connection would get this one's owner and lose its queued flag, and
-	 * its key would stay in `queued` after its close: an orphan key, which
-	 * made every later connection at that address fail to be tracked until
-	 * track() learnt to take orphans over (seen under CPU load in
-	 * test_bounds' 50,000-connection loop: 46 % of them uncounted).
+	 * its key would stay in `queued` after its close: an orphan key (see
+	 * track()).
 	 */
 	now = sock_lookup(sk);
 	if (!now)
