@@ -18,6 +18,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 CONNWATCH = str(ROOT / ".venv" / "bin" / "connwatch")
+# The deadlines in these tests are sized for the development host. Under an
+# emulated kernel (tests/kernels/run-in-vm: QEMU's TCG) everything, the tests
+# included, runs 10-100x slower, and a CI machine may be busier than a
+# developer's, so there every deadline is stretched. A deadline only bounds
+# how long a failing poll takes to say so: no assertion is about speed.
+DEADLINE_SCALE = 5.0 if os.environ.get("CONNWATCH_VM_KERNEL") else 1.0
+
+
+def deadline(seconds: float) -> float:
+    """A deadline of `seconds` on the host, stretched under an emulated kernel."""
+    return seconds * DEADLINE_SCALE
 
 
 def free_port() -> int:
@@ -29,9 +40,10 @@ def free_port() -> int:
 def wait_for(condition: Callable[[], object], timeout: float = 20.0, interval: float = 0.05,
              what: str | Callable[[], str] = ""):
     """Poll until condition() is truthy; return its value or fail saying `what`."""
-    deadline = time.monotonic() + timeout
+    timeout = deadline(timeout)
+    end = time.monotonic() + timeout
     last = None
-    while time.monotonic() < deadline:
+    while time.monotonic() < end:
         last = condition()
         if last:
             return last
@@ -46,7 +58,7 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
         return
     proc.terminate()
     try:
-        proc.wait(timeout)
+        proc.wait(deadline(timeout))
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
@@ -121,7 +133,7 @@ class AgentProcess:
              f"--config.file={self.config_path}", *extra_args],
             stdout=self._log, stderr=subprocess.STDOUT)
         # loading and verifying the programs takes over a minute in an emulated VM
-        wait_for(self._ready, timeout=240, what="agent ready")
+        wait_for(self._ready, timeout=60, what="agent ready")
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
@@ -132,7 +144,7 @@ class AgentProcess:
             return False
 
     def scrape(self) -> Metrics:
-        with urllib.request.urlopen(self.url, timeout=10) as r:
+        with urllib.request.urlopen(self.url, timeout=deadline(10)) as r:
             return Metrics(r.read().decode())
 
     def wait_for_value(self, name: str, expected: float, timeout: float = 20.0, **labels) -> Metrics:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import stop_process, wait_for
+from conftest import deadline, stop_process, wait_for
 from connwatch import caps
 from connwatch.probes import kernel_version
 
@@ -183,7 +183,7 @@ def other_users_process():
 
 def _as(keep: set[str], other) -> dict:
     out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([sorted(keep), *other])],
-                         capture_output=True, text=True, timeout=30, check=True)
+                         capture_output=True, text=True, timeout=deadline(30), check=True)
     return json.loads(out.stdout)
 
 
@@ -247,7 +247,7 @@ def test_bpf_iterator_and_map_reads_without_capabilities(tmp_path):
     src, obj_path = tmp_path / "iter.bpf.c", tmp_path / "iter.bpf.o"
     src.write_text(_ITER_SRC)
     subprocess.run(["clang", "-O2", "-g", "-target", "bpf", f"-I{vmlinux.parent}", "-c", str(src),
-                    "-o", str(obj_path)], check=True, timeout=120)
+                    "-o", str(obj_path)], check=True, timeout=deadline(120))
     from connwatch import libbpf
 
     lib = libbpf._lib
@@ -323,7 +323,7 @@ def test_non_root_agent_with_only_the_units_capabilities(tmp_path):
                 def scrape():
                     assert proc.poll() is None, log_path.read_text()[-3000:]
                     try:
-                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=deadline(5)) as r:
                             return Metrics(r.read().decode())
                     except OSError:
                         return None

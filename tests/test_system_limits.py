@@ -15,7 +15,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import network_namespace as netns
+from conftest import deadline, network_namespace as netns
 
 from connwatch import system
 from connwatch.system import TCP_LISTEN, read_system
@@ -32,7 +32,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ip netns needs root")
 def run_in(ns: str, code: str, timeout: float = 60) -> dict:
     """Run `code` with python inside `ns`; it prints one JSON object."""
     out = subprocess.run(["ip", "netns", "exec", ns, PYTHON, "-c", textwrap.dedent(code)],
-                         capture_output=True, text=True, timeout=timeout,
+                         capture_output=True, text=True, timeout=deadline(timeout),
                          env={**os.environ, "PYTHONPATH": AGENT_SRC})
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -281,7 +281,7 @@ def test_missing_conntrack_and_tcp_mem_give_none_and_no_metric():
               "mount --bind /dev/null /proc/sys/net/ipv4/tcp_mem && "
               f"exec {PYTHON} -c '{code}'")
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                         capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": AGENT_SRC})
+                         capture_output=True, text=True, timeout=deadline(60), env={**os.environ, "PYTHONPATH": AGENT_SRC})
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["conntrack"] == [None, None]

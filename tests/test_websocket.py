@@ -16,7 +16,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from conftest import ROOT, wait_for
+from conftest import ROOT, deadline, wait_for
 
 NODE_SERVER = ROOT / "tests" / "node" / "ws_server.js"
 PY_SERVER = ROOT / "tests" / "servers" / "ws_server.py"
@@ -36,7 +36,7 @@ class Loop:
         self.thread.start()
 
     def run(self, coro, timeout=60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(deadline(timeout))
 
     def stop(self):
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -56,7 +56,8 @@ async def open_clients(port: int, plan: dict[str, int]):
     for ip, n in plan.items():
         for _ in range(n):
             try:
-                ws = await connect(f"ws://127.0.0.1:{port}/", local_addr=(ip, 0), open_timeout=10)
+                ws = await connect(f"ws://127.0.0.1:{port}/", local_addr=(ip, 0),
+                                   open_timeout=deadline(10))
                 await ws.send("hello")
                 assert await ws.recv() == "hello"
                 opened.append(ws)
@@ -104,7 +105,7 @@ def test_python_websockets_server(start_agent, aio):
         assert len(opened) == sum(ACCEPTED.values()) and refused == [429] * REJECTED
         # a plain HTTP request and a raw TCP connection are not WebSockets
         with pytest.raises(urllib.error.HTTPError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=deadline(5))
         raw = socket.create_connection(("127.0.0.1", port))
         raw.sendall(b"hello, not http\r\n\r\n")
 
@@ -211,7 +212,7 @@ def test_tls_is_recognised_and_hinted_ports_count_as_websocket(start_agent, aio,
     client_tls = ssl.create_default_context(cafile=str(cert))
     try:
         async def open_wss(port, n):
-            return [await connect(f"wss://localhost:{port}/", ssl=client_tls, open_timeout=10)
+            return [await connect(f"wss://localhost:{port}/", ssl=client_tls, open_timeout=deadline(10))
                     for _ in range(n)]
         held = aio.run(open_wss(servers[0].port, 3)) + aio.run(open_wss(servers[1].port, 2))
         hint_pid, tls_pid = servers[0].pids[0], servers[1].pids[0]
