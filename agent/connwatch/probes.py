@@ -39,9 +39,13 @@ BPF_F_NO_PREALLOC = 1
 # Maps whose elements are deleted while other code holds pointers to their
 # values: peers (pruned by the agent while BPF programs add to them) and
 # listeners (their stats written by a bpf_for_each_map_elem walk while
-# closes delete). Without preallocation a deleted element is freed after an
-# RCU grace period instead of being handed to the next insert at once, so a
-# pointer to it never starts meaning another key.
+# closes delete). On 5.10 a deleted element of a map without preallocation is
+# freed after an RCU grace period, so such a pointer never starts meaning
+# another key. Since 6.1 ("bpf: Convert hash map to bpf_mem_alloc") it goes
+# back to a per-CPU cache that the next insert on that CPU may take at once,
+# as a preallocated one always could: what that race costs is in
+# docs/architecture.md. Not preallocating still saves the memory of entries
+# never used.
 NOT_PREALLOCATED = ("peers", "listeners")
 
 
