@@ -143,8 +143,11 @@ def _totals(rounds: Rounds, agent: str, empty: str, step: str, twins: dict[str, 
         work.append((total - floor) / n)
         floors.append(floor / n)
         server_floors.append(server_floor)
-    return {"raw_ns_per_conn": C.summary(raw), "over_empty_ns_per_conn": C.summary(work),
-            "floor_ns_per_conn": C.summary(floors), "server_end_floor_ns_per_conn": C.summary(server_floors)}
+    out = {"raw_ns_per_conn": C.summary(raw), "over_empty_ns_per_conn": C.summary(work),
+           "floor_ns_per_conn": C.summary(floors)}
+    if server_end_runs:  # the open step's: a close's runs are not split by end
+        out["server_end_floor_ns_per_conn"] = C.summary(server_floors)
+    return out
 
 
 def _summarize(rounds: Rounds, agent: str, empty: str, twins: dict[str, str],

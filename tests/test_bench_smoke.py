@@ -143,6 +143,8 @@ def test_bench_smoke(tmp_path):
     # the floor (the empty twins at the agent's runs) is part of the raw total; the server's end is part of it
     floor, server_floor = a["open"]["floor_ns_per_conn"]["median"], a["open"]["server_end_floor_ns_per_conn"]["median"]
     assert 0 < server_floor < floor < a["open"]["raw_ns_per_conn"]["median"], a["open"]
+    # a close's runs are not split by end: it has a floor but no server's-end floor
+    assert 0 < a["close"]["floor_ns_per_conn"]["median"] and "server_end_floor_ns_per_conn" not in a["close"]
 
     sc = r["scale"]
     lv = sc["connections"]["levels"][0]
