@@ -39,6 +39,16 @@ def test_the_table_is_followed_by_the_failing_tests_and_their_messages(tmp_path)
     assert "test_holds" not in after
 
 
+def test_every_failing_test_is_named_however_long_the_tracebacks(tmp_path):
+    suite = tmp_path / "test_suite.py"
+    suite.write_text("import pytest\n\n\n@pytest.mark.parametrize('n', range(1, 13))\n"
+                     "def test_long(n):\n    assert [0] * 40 == [n] * 40\n")
+    result = run_matrix(str(suite), "-p", "no:randomly")
+    after = result.stdout.partition("\nhost: FAILED (exit 1)\n")[2]
+    named = [line for line in after.splitlines() if line.startswith("  FAILED ")]
+    assert len(named) == 12 and all(f"test_long[{n}]" in line for n, line in enumerate(named, 1)), after
+
+
 def test_nothing_follows_the_table_when_every_kernel_passed(tmp_path):
     suite = tmp_path / "test_suite.py"
     suite.write_text(SUITE)
