@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -62,6 +63,13 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a RST (SO_LINGER on, 0 s): the socket goes straight to
+    TCP_CLOSE instead of through FIN_WAIT."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
 
 
 def close_ends_the_server_closed(clients: list[socket.socket], n: int) -> list[socket.socket]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import socket
 
-from conftest import wait_for
+from conftest import reset, wait_for
 
 MAX_PROCESSES = 50
 TOP_K = 5
@@ -36,8 +36,7 @@ def test_50k_peers_and_2000_processes_stay_under_the_caps(start_agent):
         c.bind((f"127.1.{i // 250}.{i % 250 + 1}", 0))
         c.connect(("127.0.0.1", port))
         s, _ = listener.accept()
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        c.close()
+        reset(c)
         s.close()
     m = agent.wait_for_value("connwatch_connections_closed_total", 50000, pid=os.getpid(), port=port,
                              timeout=60)

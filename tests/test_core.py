@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 
-from conftest import ROOT, close_ends_the_server_closed, wait_for
+from conftest import ROOT, close_ends_the_server_closed, reset, wait_for
 
 
 def connect_many(host: str, port: int, n: int, family=socket.AF_INET) -> list[socket.socket]:
@@ -54,8 +54,7 @@ def test_peer_close_first_is_counted_as_closed(agent, server):
     agent.wait_for_value("connwatch_connections", 10, pid=srv.pid, port=port)
     # client side resets half and closes the other half gracefully
     for c in clients[:5]:
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        c.close()
+        reset(c)
     for c in clients[5:]:
         c.close()
     # RST'd ones reach TCP_CLOSE at once; FIN'd ones wait in CLOSE_WAIT until the app closes
@@ -119,8 +118,9 @@ def test_churn_leaves_socket_map_at_baseline(agent, server):
     for i in range(n):
         c = socket.create_connection(("127.0.0.1", port))
         if i % 2:  # half of them reset, half closed gracefully
-            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-        c.close()
+            reset(c)
+        else:
+            c.close()
     assert srv.readline() == f"churned {n}"
     # a server socket whose FIN is ACKed while its owner holds the lock can
     # wait in FIN_WAIT2 for tcp_fin_timeout before TCP_CLOSE (docs/metrics.md)

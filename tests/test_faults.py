@@ -11,7 +11,7 @@ import time
 import urllib.request
 
 from bench.common import bpftool_json, fd_object_ids
-from conftest import CONNWATCH, ROOT, Metrics, free_port, wait_for
+from conftest import CONNWATCH, ROOT, Metrics, free_port, reset, wait_for
 
 
 def build_refused_object(tmp_path) -> str:
@@ -129,8 +129,7 @@ def _keys(map_id: int) -> set[int]:
 
 
 def _reset_pair(client: socket.socket, server: socket.socket) -> None:
-    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
-    client.close()
+    reset(client)
     server.close()
 
 

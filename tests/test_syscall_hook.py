@@ -14,21 +14,15 @@ from __future__ import annotations
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from conftest import wait_for
+from conftest import reset, wait_for
 from test_core import connect_many
 
 SYSCALL_HOOK = "cw_sys_exit"
-
-
-def reset(c: socket.socket) -> None:
-    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    c.close()
 
 
 def attached_programs(pid: int) -> set[str]:
